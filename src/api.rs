@@ -1,0 +1,298 @@
+//! The operations both implementations offer, and the values they return.
+
+#![forbid(unsafe_code)]
+
+use crate::domain::extent_op::ExtentOp;
+use crate::domain::generic_ref::{GenericRef, RefPayload};
+use crate::domain::key::NodeKey;
+use crate::domain::kind::Action;
+use crate::domain::qgroup::QgroupRecord;
+use crate::domain::seq::SeqTracker;
+use crate::error::{Error, Result};
+use crate::extent_tree::{ExtentInfo, ExtentTree};
+use crate::rsv::cell::PairCell;
+use crate::rsv::handle::TransHandle;
+use crate::rsv::reserves::{FsReserves, ReserveConfig};
+
+/// Configuration of the fs-wide state a delayed-ref root uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FsConfig {
+    /// Reserves and geometry.
+    pub reserves: ReserveConfig,
+    /// Full qgroup accounting: adds create qgroup extent records (spec §3.21).
+    pub qgroups: bool,
+}
+
+/// Fs-wide state shared by the delayed-ref roots of successive transactions:
+/// the reserves (spec §1.8) and the tree-mod-log seq tracker (§3.22).
+#[derive(Debug)]
+pub struct FsShared<C> {
+    /// The reserves.
+    pub reserves: FsReserves<C>,
+    /// Tree-mod-log blockers.
+    pub seq: SeqTracker,
+    /// Whether qgroup records are kept.
+    pub qgroups: bool,
+}
+
+impl<C: PairCell> FsShared<C> {
+    /// Fresh fs-wide state.
+    pub fn new(config: FsConfig) -> Self {
+        FsShared { reserves: FsReserves::new(config.reserves), seq: SeqTracker::new(), qgroups: config.qgroups }
+    }
+}
+
+/// How much a run does (spec §3.16.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RunMode {
+    /// `min_bytes == 0`: about as many heads as were ready at the start.
+    Ready,
+    /// Until the bytes-released estimate reaches this many bytes.
+    Bytes(u64),
+    /// `U64_MAX`: until the index is empty, including refs added meanwhile.
+    /// Spins while everything left is held back by a seq blocker (§5.15).
+    All,
+}
+
+/// What a run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RunStats {
+    /// Heads selected.
+    pub heads: u64,
+    /// Merged refs applied to the backend.
+    pub refs: u64,
+    /// Extent ops applied on their own (not with a ref).
+    pub extent_ops: u64,
+    /// Heads deleted from the index by this run.
+    pub heads_deleted: u64,
+    /// Times a head was unselected because of a seq blocker.
+    pub held_back: u64,
+    /// The bytes-released estimate (`processed`, spec §3.16.1).
+    pub bytes_released: u64,
+}
+
+impl RunStats {
+    /// Add another run's figures.
+    pub fn absorb(&mut self, o: &RunStats) {
+        self.heads += o.heads;
+        self.refs += o.refs;
+        self.extent_ops += o.extent_ops;
+        self.heads_deleted += o.heads_deleted;
+        self.held_back += o.held_back;
+        self.bytes_released += o.bytes_released;
+    }
+}
+
+/// What happened to the head one [`DelayedRefs::run_one`] call selected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HeadOutcome {
+    /// Everything ran and the head left the index.
+    Deleted,
+    /// A seq blocker held a ref back; the head was unselected.
+    HeldBack,
+}
+
+/// Result of [`DelayedRefs::check_ref_cleanup`] (spec §3.18).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CleanupOutcome {
+    /// No head for the bytenr.
+    NoHead,
+    /// Refs or an extent op remain, or a runner holds the head: nothing done.
+    Busy,
+    /// The head was deleted; `must_insert_reserved` tells whether the caller
+    /// owns the extent's reserved space (kernel return value 1).
+    Deleted {
+        /// The head still had must_insert_reserved.
+        must_insert_reserved: bool,
+    },
+}
+
+/// What abort cleanup removed (spec §3.19).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DestroyStats {
+    /// Heads removed.
+    pub heads: u64,
+    /// Nodes dropped unrun.
+    pub nodes: u64,
+    /// Bytes of reserved extents pinned.
+    pub pinned_bytes: u64,
+}
+
+/// Root counters (spec §1.6, invariants 1-3, 20). Exact at quiescence; while
+/// threads work they are a racy sum and may be off by in-flight operations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counters {
+    /// Heads in the index.
+    pub num_heads: u64,
+    /// Indexed heads not being processed.
+    pub num_heads_ready: u64,
+    /// Heads plus queued nodes.
+    pub num_entries: u64,
+    /// Bytes of data heads whose net change is a drop.
+    pub pending_csums: u64,
+}
+
+/// One queued node as seen at quiescence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeSnapshot {
+    /// Identity (key and seq).
+    pub key: NodeKey,
+    /// `Add` or `Drop`.
+    pub action: Action,
+    /// Count, at least 1.
+    pub ref_mod: u64,
+    /// Tree level of a tree ref (first seen), 0 for data.
+    pub level: u8,
+}
+
+/// One head as seen at quiescence (or under the head's lock for the locked port).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HeadSnapshot {
+    /// Extent start.
+    pub bytenr: u64,
+    /// Extent length.
+    pub num_bytes: u64,
+    /// Data head.
+    pub is_data: bool,
+    /// Chunk-tree head.
+    pub is_system: bool,
+    /// Σ signed counts of queued nodes.
+    pub ref_mod: i64,
+    /// Σ of every add call on this head object.
+    pub total_ref_mod: i64,
+    /// The extent item must be inserted by the first run.
+    pub must_insert_reserved: bool,
+    /// Selected by a runner.
+    pub processing: bool,
+    /// Owning root.
+    pub owning_root: u64,
+    /// Reserved data bytes given at creation.
+    pub reserved_bytes: u64,
+    /// Pending extent op.
+    pub extent_op: Option<ExtentOp>,
+    /// Queued nodes in key order.
+    pub nodes: Vec<NodeSnapshot>,
+}
+
+/// What an add did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AddOutcome {
+    /// The ref merged into (or cancelled) an existing node.
+    pub merged: bool,
+    /// A qgroup record was inserted for the extent.
+    pub qgroup_record_inserted: bool,
+}
+
+/// The delayed-ref root of one transaction: the operations both
+/// implementations offer, so tests, benches and the stress binary are generic.
+///
+/// All methods take `&self` and are safe to call from many threads at once.
+///
+/// ```
+/// use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockFreeRefs, MemExtentTree,
+///     RunMode, TransHandle};
+/// let refs = LockFreeRefs::new(FsConfig::default());
+/// let tree = MemExtentTree::new();
+/// let mut h = TransHandle::new();
+/// let alloc = GenericRef::new(Action::AddExtent, 1 << 20, 4096, 0, 5).data(5, 257, 0, 0, false);
+/// refs.add_data_ref(&mut h, &alloc, 4096).unwrap();
+/// let extra = GenericRef::new(Action::Add, 1 << 20, 4096, 0, 5).data(5, 258, 0, 0, false);
+/// refs.add_data_ref(&mut h, &extra, 0).unwrap();
+/// refs.run(&tree, RunMode::All).unwrap();
+/// assert_eq!(tree.lookup(1 << 20).unwrap().refs, 2);
+/// assert_eq!(refs.counters().num_entries, 0);
+/// ```
+pub trait DelayedRefs: Send + Sync + Sized {
+    /// The reserve cell type.
+    type Cell: PairCell;
+    /// Short name for reports (`lockfree`, `locked`).
+    const NAME: &'static str;
+
+    /// A root over shared fs-wide state.
+    fn with_fs(fs: std::sync::Arc<FsShared<Self::Cell>>) -> Self;
+
+    /// A root with its own fresh fs-wide state.
+    fn new(config: FsConfig) -> Self {
+        Self::with_fs(std::sync::Arc::new(FsShared::new(config)))
+    }
+
+    /// The fs-wide state.
+    fn fs(&self) -> &std::sync::Arc<FsShared<Self::Cell>>;
+
+    /// Queue a tree ref (`btrfs_add_delayed_tree_ref`, spec §3.1).
+    fn add_tree_ref(&self, trans: &mut TransHandle, gref: &GenericRef, op: Option<ExtentOp>) -> Result<AddOutcome>;
+
+    /// Queue a data ref (`btrfs_add_delayed_data_ref`, spec §3.2).
+    fn add_data_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64) -> Result<AddOutcome>;
+
+    /// Queue an extent op (`btrfs_add_delayed_extent_op`, spec §3.8).
+    fn add_extent_op(&self, trans: &mut TransHandle, bytenr: u64, num_bytes: u64, op: ExtentOp) -> Result<()>;
+
+    /// The indexed head for `bytenr` (spec §3.12).
+    fn find_head(&self, bytenr: u64) -> Option<HeadSnapshot>;
+
+    /// Select one head round-robin, run it and retire it or hold it back
+    /// (spec §3.13-3.16.7). `Ok(None)`: no unprocessed head.
+    fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>>;
+
+    /// Run delayed refs (`btrfs_run_delayed_refs`, spec §3.16.1).
+    fn run<B: ExtentTree + ?Sized>(&self, backend: &B, mode: RunMode) -> Result<RunStats>;
+
+    /// On-disk plus pending refcount and flags of one extent (spec §3.17),
+    /// never observing a ref taken from its head but not yet applied.
+    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo>;
+
+    /// Fast cleanup of a just-allocated tree block (spec §3.18).
+    fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome;
+
+    /// Drop everything unrun on transaction abort (spec §3.19).
+    fn destroy<B: ExtentTree + ?Sized>(&self, backend: &B) -> DestroyStats;
+
+    /// Root counters.
+    fn counters(&self) -> Counters;
+
+    /// Every indexed head, by bytenr (consistent at quiescence).
+    fn snapshot(&self) -> Vec<HeadSnapshot>;
+
+    /// The qgroup extent records, by bytenr.
+    fn qgroup_records(&self) -> Vec<QgroupRecord>;
+}
+
+/// Validate a tree-ref add (spec §3.1 pre, error contract).
+pub(crate) fn validate_tree_ref(gref: &GenericRef) -> Result<()> {
+    if gref.num_bytes == 0 {
+        return Err(Error::ZeroLength { bytenr: gref.bytenr });
+    }
+    if !matches!(gref.payload, RefPayload::Tree { .. }) {
+        return Err(Error::BadAction { call: "add_tree_ref", action: gref.action, what: "with a data payload" });
+    }
+    if gref.action == Action::UpdateHead {
+        return Err(Error::BadAction { call: "add_tree_ref", action: gref.action, what: "(use add_extent_op)" });
+    }
+    Ok(())
+}
+
+/// Validate a data-ref add (spec §3.2 pre, §3.4 step 1, error contract).
+pub(crate) fn validate_data_ref(gref: &GenericRef, reserved: u64) -> Result<()> {
+    if gref.num_bytes == 0 {
+        return Err(Error::ZeroLength { bytenr: gref.bytenr });
+    }
+    if !matches!(gref.payload, RefPayload::Data { .. }) {
+        if reserved != 0 {
+            return Err(Error::ReservedOnMetadata { bytenr: gref.bytenr, reserved });
+        }
+        return Err(Error::BadAction { call: "add_data_ref", action: gref.action, what: "with a tree payload" });
+    }
+    if gref.action == Action::UpdateHead {
+        return Err(Error::BadAction { call: "add_data_ref", action: gref.action, what: "(use add_extent_op)" });
+    }
+    Ok(())
+}
+
+/// Validate an extent-op add (spec §3.8).
+pub(crate) fn validate_extent_op(bytenr: u64, num_bytes: u64) -> Result<()> {
+    if num_bytes == 0 {
+        return Err(Error::ZeroLength { bytenr });
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! The backend the runner applies refs and extent ops to (spec §3.16.6), and
+//! a strict in-memory implementation.
+
+#![forbid(unsafe_code)]
+
+mod mem;
+
+pub use mem::{ExtentItem, MemExtentTree};
+
+use crate::domain::extent_op::ExtentOp;
+use crate::domain::key::RefKey;
+use crate::domain::kind::Action;
+use crate::error::ExtentError;
+
+/// One merged ref being run (`run_one_delayed_ref`'s arguments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefRun<'a> {
+    /// Extent start.
+    pub bytenr: u64,
+    /// Extent length (the head's).
+    pub num_bytes: u64,
+    /// Whether the head is a data head.
+    pub is_data: bool,
+    /// The backref.
+    pub key: RefKey,
+    /// Tree level of a tree ref (0 for data).
+    pub level: u8,
+    /// `Add` or `Drop`.
+    pub action: Action,
+    /// Merged count, at least 1.
+    pub ref_mod: u64,
+    /// The extent item must be inserted by this run (must_insert_reserved).
+    pub insert_reserved: bool,
+    /// The head's extent op, applied by this run if present.
+    pub extent_op: Option<&'a ExtentOp>,
+    /// The head's owning root.
+    pub owning_root: u64,
+}
+
+/// What a reader sees of one extent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExtentInfo {
+    /// Reference count.
+    pub refs: u64,
+    /// Extent flags.
+    pub flags: u64,
+}
+
+/// An extent tree the runner applies refs to. Implementations are shared by
+/// concurrent runners; each call must be atomic for its extent.
+pub trait ExtentTree: Send + Sync {
+    /// Apply one merged ref (spec §3.16.6). On error nothing may have changed.
+    fn apply_ref(&self, run: &RefRun<'_>) -> Result<(), ExtentError>;
+
+    /// Apply an extent op to an existing item (`run_delayed_extent_op`,
+    /// spec §3.16.7 step 1).
+    fn apply_extent_op(&self, bytenr: u64, num_bytes: u64, is_data: bool, op: &ExtentOp) -> Result<(), ExtentError>;
+
+    /// A reserved extent whose item was never inserted is pinned (spec §3.16.7
+    /// step 4, §3.19). The in-memory tree only counts it.
+    fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool);
+
+    /// The extent's on-disk refs and flags, `None` if it has no item.
+    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo>;
+}
