@@ -189,9 +189,9 @@ pub struct AddOutcome {
 /// All methods take `&self` and are safe to call from many threads at once.
 ///
 /// ```
-/// use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockFreeRefs, MemExtentTree,
+/// use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockedRefs, MemExtentTree,
 ///     RunMode, TransHandle};
-/// let refs = LockFreeRefs::new(FsConfig::default());
+/// let refs = LockedRefs::new(FsConfig::default());
 /// let tree = MemExtentTree::new();
 /// let mut h = TransHandle::new();
 /// let alloc = GenericRef::new(Action::AddExtent, 1 << 20, 4096, 0, 5).data(5, 257, 0, 0, false);

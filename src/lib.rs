@@ -41,7 +41,7 @@ pub mod domain;
 pub mod error;
 pub mod extent_tree;
 pub mod locked;
-pub mod lockfree;
+// pub mod lockfree;
 pub mod rsv;
 pub mod trace;
 
@@ -58,7 +58,7 @@ pub use domain::qgroup::QgroupRecord;
 pub use domain::seq::{SeqBlocker, SeqTracker};
 pub use error::{Error, ExtentError, Result};
 pub use extent_tree::{ExtentInfo, ExtentItem, ExtentTree, MemExtentTree, RefRun};
-// pub use locked::LockedRefs;
+pub use locked::LockedRefs;
 // pub use lockfree::LockFreeRefs;
 pub use rsv::cell::{AtomicCell, LockedCell, PairCell};
 pub use rsv::handle::TransHandle;

@@ -28,6 +28,7 @@ pub(crate) fn spin_hint() {
 
 /// Yield the thread (back-off in retry loops).
 #[inline]
+#[allow(dead_code)]
 pub(crate) fn yield_now() {
     #[cfg(dref_loom)]
     loom::thread::yield_now();

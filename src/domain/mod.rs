@@ -7,5 +7,6 @@ pub mod generic_ref;
 pub mod geometry;
 pub mod key;
 pub mod kind;
+pub mod merge;
 pub mod qgroup;
 pub mod seq;
