@@ -41,7 +41,7 @@ pub mod domain;
 pub mod error;
 pub mod extent_tree;
 pub mod locked;
-// pub mod lockfree;
+pub mod lockfree;
 pub mod rsv;
 pub mod trace;
 
@@ -59,7 +59,8 @@ pub use domain::seq::{SeqBlocker, SeqTracker};
 pub use error::{Error, ExtentError, Result};
 pub use extent_tree::{ExtentInfo, ExtentItem, ExtentTree, MemExtentTree, RefRun};
 pub use locked::LockedRefs;
-// pub use lockfree::LockFreeRefs;
+#[cfg(not(dref_loom))]
+pub use lockfree::LockFreeRefs;
 pub use rsv::cell::{AtomicCell, LockedCell, PairCell};
 pub use rsv::handle::TransHandle;
 pub use rsv::reserves::{BlockRsv, FsReserves, ReleaseRouting, ReserveConfig, ReservesSnapshot, RsvType, SpaceInfo};

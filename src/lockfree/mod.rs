@@ -1,1 +1,37 @@
-//! lockfree
+//! The lock-free implementation.
+//!
+//! # Implementation details
+//!
+//! - Heads live inline in a `crossbeam_skiplist::base::SkipList<u64, Head>`
+//!   reclaimed by the root's own epoch collector; hot paths use guards, never
+//!   refcounted lookups, and never replace a head (BRIEF §4).
+//! - Each head has a lifecycle word ([`state`]) and a nested skiplist of ref
+//!   nodes with signed atomic counts ([`head`]).
+//! - Reserves are [`crate::AtomicCell`]s (128-bit CAS loops); counters are striped.
+//! - Qgroup records (off by default) sit in a small mutex-protected map:
+//!   insert-if-absent per bytenr is all they need (L10), and they are off the
+//!   add path unless full accounting is on.
+//!
+//! # Synchronization
+//!
+//! See docs/protocols.md for every atomic word's state table and orderings:
+//! add vs close (hazard 1), claim vs claim (hazard 2), take vs merge
+//! (hazard 3), readers (hazard 4), reserves (hazard 5).
+
+#![forbid(unsafe_code)]
+
+pub(crate) mod state;
+
+#[cfg(not(dref_loom))]
+mod counters;
+#[cfg(not(dref_loom))]
+mod epoch;
+#[cfg(not(dref_loom))]
+mod head;
+#[cfg(not(dref_loom))]
+mod root;
+#[cfg(not(dref_loom))]
+mod run;
+
+#[cfg(not(dref_loom))]
+pub use root::LockFreeRefs;

@@ -1,0 +1,60 @@
+//! The root's own epoch collector and a per-thread cache of handles to it.
+//!
+//! Each root owns a `crossbeam_epoch::Collector` (VERIFY: teardown is
+//! deterministic and leak checks pass). Registering a handle costs an
+//! allocation, so each thread keeps a few handles keyed by root id.
+
+#![forbid(unsafe_code)]
+
+use std::cell::RefCell;
+
+use crossbeam_epoch::{Collector, Guard, LocalHandle};
+
+use crate::sync::{AtomicU64, Ordering};
+
+static NEXT_ROOT: AtomicU64 = AtomicU64::new(1);
+const CACHED: usize = 8;
+
+thread_local! {
+    static HANDLES: RefCell<Vec<(u64, LocalHandle)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A collector with an id for the per-thread handle cache.
+#[derive(Debug)]
+pub(crate) struct Epoch {
+    id: u64,
+    collector: Collector,
+}
+
+impl Epoch {
+    pub(crate) fn new() -> Self {
+        Epoch { id: NEXT_ROOT.fetch_add(1, Ordering::Relaxed), collector: Collector::new() }
+    }
+
+    pub(crate) fn collector(&self) -> &Collector {
+        &self.collector
+    }
+
+    /// Pin the current thread to this root's collector.
+    pub(crate) fn pin(&self) -> Guard {
+        HANDLES.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some((_, lh)) = h.iter().find(|(id, _)| *id == self.id) {
+                return lh.pin();
+            }
+            let lh = self.collector.register();
+            let g = lh.pin();
+            if h.len() >= CACHED {
+                h.remove(0);
+            }
+            h.push((self.id, lh));
+            g
+        })
+    }
+
+    /// Drop this thread's cached handle (lets the collector go when the
+    /// root is dropped on this thread).
+    pub(crate) fn forget_local(&self) {
+        let _ = HANDLES.try_with(|h| h.borrow_mut().retain(|(id, _)| *id != self.id));
+    }
+}

@@ -1,0 +1,455 @@
+//! The lock-free delayed-ref root: add side, readers, cleanup, destroy.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crossbeam_epoch::Guard;
+use crossbeam_skiplist::base::{Entry, SkipList};
+use parking_lot::Mutex;
+
+use super::counters::RootCounters;
+use super::epoch::Epoch;
+use super::head::{Head, Transition};
+use super::state::PROCESSING;
+use crate::api::{
+    self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
+    RunMode, RunStats,
+};
+use crate::domain::extent_op::ExtentOp;
+use crate::domain::generic_ref::GenericRef;
+use crate::domain::key::NodeKey;
+use crate::domain::kind::{Action, roots};
+use crate::domain::qgroup::QgroupRecord;
+use crate::error::{Error, Result};
+use crate::extent_tree::{ExtentInfo, ExtentTree};
+use crate::rsv::cell::AtomicCell;
+use crate::rsv::handle::TransHandle;
+use crate::sync::{AtomicU64, Ordering};
+
+/// The lock-free delayed-ref root (see the module docs of `lockfree`).
+///
+/// ```
+/// use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockFreeRefs, MemExtentTree,
+///     RunMode, TransHandle};
+/// let refs = LockFreeRefs::new(FsConfig::default());
+/// let tree = MemExtentTree::new();
+/// let mut h = TransHandle::new();
+/// let r = GenericRef::new(Action::AddExtent, 1 << 20, 4096, 0, 5).data(5, 257, 0, 0, false);
+/// refs.add_data_ref(&mut h, &r, 4096).unwrap();
+/// std::thread::scope(|s| {
+///     s.spawn(|| refs.run(&tree, RunMode::All).unwrap());
+/// });
+/// assert_eq!(tree.lookup(1 << 20).unwrap().refs, 1);
+/// ```
+pub struct LockFreeRefs {
+    pub(super) fs: Arc<FsShared<AtomicCell>>,
+    // Field order matters: the index (and the heads in it) drop before the
+    // collector that owns their garbage.
+    pub(super) heads: SkipList<u64, Head>,
+    pub(super) counters: RootCounters,
+    pub(super) run_start: AtomicU64,
+    qgroup: Mutex<BTreeMap<u64, QgroupRecord>>,
+    pub(super) epoch: Epoch,
+}
+
+impl std::fmt::Debug for LockFreeRefs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockFreeRefs").field("counters", &self.counters()).finish_non_exhaustive()
+    }
+}
+
+impl Drop for LockFreeRefs {
+    fn drop(&mut self) {
+        self.epoch.forget_local();
+    }
+}
+
+/// The head-side part of one add call.
+struct HeadUpdate {
+    bytenr: u64,
+    num_bytes: u64,
+    is_data: bool,
+    is_system: bool,
+    reserved: u64,
+    owning_root: u64,
+    count_mod: i64,
+    must_insert_reserved: bool,
+    extent_op: Option<ExtentOp>,
+}
+
+impl LockFreeRefs {
+    pub(super) fn pin(&self) -> Guard {
+        self.epoch.pin()
+    }
+
+    /// Find the head for `upd.bytenr` or insert a fresh one, and enter it as
+    /// an adder. A closed head is unlinked (helping its closer) and the add
+    /// retries into a new head (hazard 1).
+    fn enter_head<'g>(&'g self, upd: &HeadUpdate, guard: &'g Guard) -> (Entry<'g, 'g, u64, Head>, bool) {
+        loop {
+            let entry = match self.heads.get(&upd.bytenr, guard) {
+                Some(e) => e,
+                None => {
+                    // The closure may run and be discarded (BRIEF §4): no side effects.
+                    let r = self.heads.get_or_insert_with(
+                        upd.bytenr,
+                        || Head::new(self.epoch.collector(), upd.bytenr, upd.num_bytes, upd.is_data, upd.is_system, upd.reserved),
+                        guard,
+                    );
+                    r.release(guard);
+                    continue;
+                }
+            };
+            match entry.value().state.enter() {
+                Ok(first) => return (entry, first),
+                Err(_) => {
+                    entry.remove();
+                    crate::sync::spin_hint();
+                }
+            }
+        }
+    }
+
+    /// The add path (spec §3.1-§3.8): head update (§3.6) and node change (§3.7).
+    fn add_inner(
+        &self,
+        trans: &mut TransHandle,
+        upd: HeadUpdate,
+        node: Option<(NodeKey, Action, u8)>,
+        rec: Option<QgroupRecord>,
+    ) -> Result<AddOutcome> {
+        let g = *self.fs.reserves.geometry();
+        let guard = self.pin();
+        let (entry, first) = self.enter_head(&upd, &guard);
+        let head = entry.value();
+        if first {
+            // Head-creation accounting (§3.5 step 4), done by the first adder
+            // inside the state word, so no runner can retire it before.
+            self.counters.num_heads.add(1);
+            self.counters.num_heads_ready.add(1);
+            self.counters.num_entries.add(1);
+        }
+        if head.is_data != upd.is_data {
+            head.state.exit();
+            return Err(Error::DataMismatch { bytenr: upd.bytenr, head_is_data: head.is_data });
+        }
+        let mut out = AddOutcome { merged: false, qgroup_record_inserted: false };
+        if let Some(rec) = rec {
+            let mut q = self.qgroup.lock();
+            match q.entry(rec.bytenr) {
+                std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().absorb(&rec),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(rec);
+                    out.qgroup_record_inserted = true;
+                }
+            }
+        }
+        // §3.6 step 2: fill in a missing owning root.
+        let _ = head.owning_root.compare_exchange(0, upd.owning_root, Ordering::AcqRel, Ordering::Acquire);
+        if upd.must_insert_reserved {
+            // §3.6 step 3 (re-allocation: size overwritten, §5.11a).
+            head.owning_root.store(upd.owning_root, Ordering::Release);
+            head.num_bytes.store(upd.num_bytes, Ordering::Release);
+            head.must_insert_reserved.store(true, Ordering::Release);
+        }
+        if let Some(op) = &upd.extent_op {
+            head.merge_op(op);
+        }
+        if upd.count_mod != 0 {
+            head.ref_mod.fetch_add(upd.count_mod, Ordering::AcqRel);
+            let old = head.total_ref_mod.fetch_add(upd.count_mod, Ordering::AcqRel);
+            let total = old + upd.count_mod;
+            if head.is_data {
+                let nb = head.num_bytes.load(Ordering::Acquire);
+                let lv = g.csum_leaves(nb);
+                if old < 0 && total >= 0 {
+                    self.counters.pending_csums.add(-(nb as i64));
+                    self.fs.reserves.delayed_refs_rsv_release(0, lv);
+                } else if old >= 0 && total < 0 {
+                    self.counters.pending_csums.add(nb as i64);
+                    trans.delayed_ref_csum_deletions += lv;
+                }
+            }
+        }
+        if let Some((key, action, level)) = node {
+            let delta = if action == Action::Add { 1 } else { -1 };
+            match head.change_node(key, delta, level, &guard) {
+                Transition::Created => {
+                    self.counters.num_entries.add(1);
+                    trans.delayed_ref_updates += 1;
+                }
+                Transition::Merged => out.merged = true,
+                Transition::Dropped => {
+                    out.merged = true;
+                    self.counters.num_entries.add(-1);
+                    self.fs.reserves.delayed_refs_rsv_release(1, 0);
+                }
+                Transition::None => {}
+            }
+        }
+        head.state.exit();
+        drop(guard);
+        // §3.20.3, after publishing (spec §5.12: size may wrap meanwhile).
+        self.fs.reserves.update_delayed_refs_rsv(trans);
+        Ok(out)
+    }
+
+    fn add_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64, op: Option<ExtentOp>) -> Result<AddOutcome> {
+        let is_data = gref.is_data();
+        let key = gref.node_key(self.fs.seq.current());
+        let rec = (self.fs.qgroups && !gref.skip_qgroup)
+            .then(|| QgroupRecord::new(gref.bytenr, gref.num_bytes, gref.ref_root(), reserved));
+        let upd = HeadUpdate {
+            bytenr: gref.bytenr,
+            num_bytes: gref.num_bytes,
+            is_data,
+            is_system: !is_data && gref.ref_root() == roots::CHUNK_TREE,
+            reserved,
+            owning_root: gref.owning_root,
+            count_mod: gref.action.count_mod(),
+            must_insert_reserved: gref.action == Action::AddExtent,
+            extent_op: op,
+        };
+        let out = self.add_inner(trans, upd, Some((key, gref.action.node_action(), gref.level())), rec)?;
+        crate::trace_ref!("add_delayed_ref", gref.bytenr, gref.num_bytes, gref.action, key, 1u64);
+        Ok(out)
+    }
+
+    /// Retire a claimed head whose list the caller found empty: close from
+    /// `w0`, unlink, account (§3.15, §3.16.7 steps 3-5). Returns the bytes the
+    /// csum accounting released, or `None` if the close CAS failed.
+    pub(super) fn retire(&self, entry: &Entry<'_, '_, u64, Head>, w0: u64) -> Option<(bool, u64)> {
+        let head = entry.value();
+        if !head.state.close_from(w0) {
+            return None;
+        }
+        entry.remove();
+        let g = *self.fs.reserves.geometry();
+        self.counters.num_heads.add(-1);
+        self.counters.num_entries.add(-1);
+        let mir = head.must_insert_reserved.swap(false, Ordering::AcqRel);
+        let mut released = 0;
+        if head.is_data && head.total_ref_mod.load(Ordering::Acquire) < 0 {
+            let nb = head.num_bytes.load(Ordering::Acquire);
+            self.counters.pending_csums.add(-(nb as i64));
+            let lv = g.csum_leaves(nb);
+            self.fs.reserves.delayed_refs_rsv_release(0, lv);
+            released = g.csum_bytes(lv);
+        }
+        Some((mir, released))
+    }
+
+    /// Unselect a claimed head (spec §3.16.5).
+    pub(super) fn unselect(&self, head: &Head) {
+        self.counters.num_heads_ready.add(1);
+        head.state.unclaim();
+    }
+}
+
+impl DelayedRefs for LockFreeRefs {
+    type Cell = AtomicCell;
+    const NAME: &'static str = "lockfree";
+
+    fn with_fs(fs: Arc<FsShared<AtomicCell>>) -> Self {
+        let epoch = Epoch::new();
+        LockFreeRefs {
+            fs,
+            heads: SkipList::new(epoch.collector().clone()),
+            counters: RootCounters::default(),
+            run_start: AtomicU64::new(0),
+            qgroup: Mutex::new(BTreeMap::new()),
+            epoch,
+        }
+    }
+
+    fn fs(&self) -> &Arc<FsShared<AtomicCell>> {
+        &self.fs
+    }
+
+    fn add_tree_ref(&self, trans: &mut TransHandle, gref: &GenericRef, op: Option<ExtentOp>) -> Result<AddOutcome> {
+        api::validate_tree_ref(gref)?;
+        self.add_ref(trans, gref, 0, op)
+    }
+
+    fn add_data_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64) -> Result<AddOutcome> {
+        api::validate_data_ref(gref, reserved)?;
+        self.add_ref(trans, gref, reserved, None)
+    }
+
+    fn add_extent_op(&self, trans: &mut TransHandle, bytenr: u64, num_bytes: u64, op: ExtentOp) -> Result<()> {
+        api::validate_extent_op(bytenr, num_bytes)?;
+        let upd = HeadUpdate {
+            bytenr,
+            num_bytes,
+            is_data: false,
+            is_system: false,
+            reserved: 0,
+            owning_root: 0,
+            count_mod: 0,
+            must_insert_reserved: false,
+            extent_op: Some(op),
+        };
+        self.add_inner(trans, upd, None, None)?;
+        self.fs.reserves.update_delayed_refs_rsv(trans);
+        Ok(())
+    }
+
+    fn find_head(&self, bytenr: u64) -> Option<HeadSnapshot> {
+        let guard = self.pin();
+        let e = self.heads.get(&bytenr, &guard)?;
+        let w = e.value().state.load();
+        if w & super::state::CLOSED != 0 || w & super::state::BORN == 0 {
+            return None;
+        }
+        Some(e.value().snapshot(&guard))
+    }
+
+    fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
+        super::run::run_one(self, backend)
+    }
+
+    fn run<B: ExtentTree + ?Sized>(&self, backend: &B, mode: RunMode) -> Result<RunStats> {
+        super::run::run(self, backend, mode)
+    }
+
+    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
+        loop {
+            let guard = self.pin();
+            let Some(e) = self.heads.get(&bytenr, &guard) else {
+                return backend.lookup(bytenr);
+            };
+            let head = e.value();
+            // Acquire: pairs with the runner's seqlock writes (docs/protocols.md).
+            let s1 = head.run_seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                drop(guard);
+                crate::sync::yield_now();
+                continue;
+            }
+            let disk = backend.lookup(bytenr);
+            let rm = head.ref_mod.load(Ordering::Acquire);
+            let op = head.extent_op.load().as_deref().copied();
+            let s2 = head.run_seq.load(Ordering::Acquire);
+            if s1 != s2 {
+                continue;
+            }
+            let mut info = disk.unwrap_or(ExtentInfo { refs: 0, flags: 0 });
+            if let Some(op) = op.filter(|o| o.update_flags) {
+                info.flags |= op.flags_to_set;
+            }
+            info.refs = (info.refs as i64).wrapping_add(rm) as u64;
+            return Some(info);
+        }
+    }
+
+    fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome {
+        let guard = self.pin();
+        let Some(e) = self.heads.get(&bytenr, &guard) else { return CleanupOutcome::NoHead };
+        let head = e.value();
+        let busy = |h: &Head| {
+            h.has_refs(&guard)
+                || (h.extent_op.load().is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
+        };
+        if busy(head) || !head.state.try_claim() {
+            return CleanupOutcome::Busy;
+        }
+        self.counters.num_heads_ready.add(-1);
+        let w0 = head.state.load();
+        if busy(head) {
+            self.unselect(head);
+            return CleanupOutcome::Busy;
+        }
+        let op = head.extent_op.swap(None);
+        match self.retire(&e, w0) {
+            Some((mir, _)) => CleanupOutcome::Deleted { must_insert_reserved: mir },
+            None => {
+                if let Some(op) = op {
+                    head.restore_op(*op);
+                }
+                self.unselect(head);
+                CleanupOutcome::Busy
+            }
+        }
+    }
+
+    fn destroy<B: ExtentTree + ?Sized>(&self, backend: &B) -> DestroyStats {
+        let mut stats = DestroyStats::default();
+        loop {
+            let guard = self.pin();
+            let Some(e) = self.heads.front(&guard) else { break };
+            let head = e.value();
+            if head.state.is_closed() {
+                e.remove();
+                continue;
+            }
+            if !head.state.try_claim() {
+                // A runner holds it (or it is unborn): wait for it.
+                drop(guard);
+                crate::sync::yield_now();
+                continue;
+            }
+            self.counters.num_heads_ready.add(-1);
+            let mut n = head.refs.front(&guard);
+            while let Some(node) = n {
+                let v = node.value().count.swap(0, Ordering::AcqRel);
+                if v != 0 {
+                    head.ref_mod.fetch_sub(v, Ordering::AcqRel);
+                    self.counters.num_entries.add(-1);
+                    self.fs.reserves.delayed_refs_rsv_release(1, 0);
+                    stats.nodes += 1;
+                }
+                n = node.next();
+            }
+            head.extent_op.swap(None);
+            let w0 = head.state.load();
+            if head.has_refs(&guard) {
+                self.unselect(head);
+                continue;
+            }
+            match self.retire(&e, w0) {
+                Some((mir, _)) => {
+                    stats.heads += 1;
+                    if mir {
+                        let nb = head.num_bytes.load(Ordering::Acquire);
+                        backend.pin_reserved(head.bytenr, nb, head.is_data);
+                        stats.pinned_bytes += nb;
+                    }
+                }
+                None => self.unselect(head),
+            }
+        }
+        stats
+    }
+
+    fn counters(&self) -> Counters {
+        Counters {
+            num_heads: self.counters.num_heads.sum() as u64,
+            num_heads_ready: self.counters.num_heads_ready.sum() as u64,
+            num_entries: self.counters.num_entries.sum() as u64,
+            pending_csums: self.counters.pending_csums.sum() as u64,
+        }
+    }
+
+    fn snapshot(&self) -> Vec<HeadSnapshot> {
+        let guard = self.pin();
+        let mut out = Vec::new();
+        let mut e = self.heads.front(&guard);
+        while let Some(h) = e {
+            let w = h.value().state.load();
+            if w & super::state::CLOSED == 0 && w & super::state::BORN != 0 {
+                out.push(h.value().snapshot(&guard));
+            }
+            e = h.next();
+        }
+        out
+    }
+
+    fn qgroup_records(&self) -> Vec<QgroupRecord> {
+        self.qgroup.lock().values().copied().collect()
+    }
+}
+
+#[allow(dead_code)]
+const _: u64 = PROCESSING;

@@ -1,0 +1,338 @@
+//! The lock-free run side (spec §3.13-§3.16.7).
+//!
+//! # Synchronization
+//!
+//! - Selection: the cursor `run_start` is a hint (invariant 6, `Relaxed`);
+//!   exclusivity comes from `HeadState::try_claim`'s CAS (hazard 2: heads are
+//!   claimed in place, never by removing them from the index).
+//! - Taking a ref: `compare_exchange(v, 0)` on the node's count from the value
+//!   just read; a concurrent merge makes it fail and the runner re-reads, so a
+//!   ref whose sign changes while being taken is neither lost nor run twice.
+//! - Adds before drops: the drop phase re-reads `add_epoch` (`Acquire`, pairs
+//!   with the adders' `Release` bump) before each drop and restarts the add
+//!   phase when a node became an ADD meanwhile.
+//! - Readers: `run_seq` is odd from before a take until after the backend
+//!   applied it; the take's `AcqRel` RMWs order the odd value before the
+//!   `ref_mod` change a reader may observe.
+//! - Close: see `state` (close from the exact word read before the final
+//!   emptiness check).
+
+#![forbid(unsafe_code)]
+
+use std::ops::Bound;
+
+use crossbeam_epoch::Guard;
+use crossbeam_skiplist::base::Entry;
+
+use super::head::{Head, Transition};
+use super::root::LockFreeRefs;
+use super::state::adders;
+use crate::api::{HeadOutcome, RunMode, RunStats};
+use crate::domain::key::{NodeKey, comp_refs};
+use crate::domain::kind::Action;
+use crate::domain::merge::merge_run;
+use crate::error::{Error, Result};
+use crate::extent_tree::{ExtentTree, RefRun};
+use crate::sync::Ordering;
+
+type HeadEntry<'g> = Entry<'g, 'g, u64, Head>;
+
+/// `btrfs_select_ref_head` (spec §3.13): round-robin from the cursor,
+/// claiming in place.
+fn select<'g>(refs: &'g LockFreeRefs, guard: &'g Guard) -> Option<HeadEntry<'g>> {
+    let start = refs.run_start.load(Ordering::Relaxed);
+    let scan = |mut e: Option<HeadEntry<'g>>, stop: Option<u64>| {
+        while let Some(x) = e {
+            if stop.is_some_and(|s| *x.key() >= s) {
+                break;
+            }
+            let h = x.value();
+            if h.state.is_closed() {
+                x.remove();
+            } else if h.state.try_claim() {
+                return Some(x);
+            }
+            e = x.next();
+        }
+        None
+    };
+    let picked = scan(refs.heads.lower_bound(Bound::Included(&start), guard), None)
+        .or_else(|| if start != 0 { scan(refs.heads.front(guard), Some(start)) } else { None });
+    match &picked {
+        Some(x) => {
+            refs.counters.num_heads_ready.add(-1);
+            let h = x.value();
+            // Relaxed: the cursor is only a hint (invariant 6).
+            refs.run_start.store(h.bytenr.wrapping_add(h.num_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        }
+        None => refs.run_start.store(0, Ordering::Relaxed),
+    }
+    picked
+}
+
+enum Take {
+    Nothing,
+    Ran,
+    HeldBack,
+}
+
+/// Take one node's count and run it (spec §3.16.4 steps 1-9).
+fn take_and_run<B: ExtentTree + ?Sized>(
+    refs: &LockFreeRefs,
+    backend: &B,
+    head: &Head,
+    key: NodeKey,
+    node: &super::head::RefNode,
+    want_add: bool,
+    stats: &mut RunStats,
+) -> Result<Take> {
+    let g = *refs.fs.reserves.geometry();
+    loop {
+        // Acquire: pairs with the adders' AcqRel fetch_add.
+        let v = node.count.load(Ordering::Acquire);
+        if v == 0 || (v > 0) != want_add {
+            return Ok(Take::Nothing);
+        }
+        if refs.fs.seq.holds_back(key.seq) {
+            return Ok(Take::HeldBack);
+        }
+        if !head.is_data && v.unsigned_abs() != 1 {
+            return Err(Error::TreeRefMod { bytenr: head.bytenr, key: key.key, ref_mod: v.unsigned_abs() });
+        }
+        // Relaxed: ordered before the ref_mod RMW below, which releases it.
+        head.run_seq.fetch_add(1, Ordering::Relaxed);
+        if node.count.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            head.run_seq.fetch_add(1, Ordering::Release);
+            continue;
+        }
+        head.ref_mod.fetch_sub(v, Ordering::AcqRel);
+        refs.counters.num_entries.add(-1);
+        let mir = head.must_insert_reserved.swap(false, Ordering::AcqRel);
+        let op = head.extent_op.swap(None);
+        let action = if v > 0 { Action::Add } else { Action::Drop };
+        let num_bytes = head.num_bytes.load(Ordering::Acquire);
+        let run = RefRun {
+            bytenr: head.bytenr,
+            num_bytes,
+            is_data: head.is_data,
+            key: key.key,
+            level: node.level,
+            action,
+            ref_mod: v.unsigned_abs(),
+            insert_reserved: mir,
+            extent_op: op.as_deref(),
+            owning_root: head.owning_root.load(Ordering::Acquire),
+        };
+        let res = backend.apply_ref(&run);
+        if let Err(e) = res {
+            // Put everything back: nothing queued may be lost.
+            let old = node.count.fetch_add(v, Ordering::AcqRel);
+            match Transition::of(old, old + v) {
+                Transition::Created => refs.counters.num_entries.add(1),
+                Transition::Merged => {
+                    refs.fs.reserves.delayed_refs_rsv_release(1, 0);
+                }
+                Transition::Dropped => {
+                    refs.counters.num_entries.add(-1);
+                    refs.fs.reserves.delayed_refs_rsv_release(2, 0);
+                }
+                Transition::None => {}
+            }
+            if old <= 0 && old + v > 0 {
+                head.add_epoch.fetch_add(1, Ordering::Release);
+            }
+            head.ref_mod.fetch_add(v, Ordering::AcqRel);
+            if mir {
+                head.must_insert_reserved.store(true, Ordering::Release);
+            }
+            if let Some(op) = op {
+                head.restore_op(*op);
+            }
+            head.run_seq.fetch_add(1, Ordering::Release);
+            return Err(Error::Backend { bytenr: head.bytenr, source: e });
+        }
+        // Release: the even value publishes the applied state to readers.
+        head.run_seq.fetch_add(1, Ordering::Release);
+        crate::trace_ref!("run_delayed_ref", head.bytenr, num_bytes, action, key, v.unsigned_abs());
+        refs.fs.reserves.delayed_refs_rsv_release(1, 0);
+        stats.refs += 1;
+        stats.bytes_released += g.delayed_ref_bytes(1);
+        return Ok(Take::Ran);
+    }
+}
+
+/// The merge pass on a metadata head (spec §3.10), by the claiming runner.
+fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
+    let seq = refs.fs.seq.lowest_seq();
+    let mut groups: Vec<Vec<(NodeKey, &super::head::RefNode)>> = Vec::new();
+    let mut e = head.refs.front(guard);
+    while let Some(n) = e {
+        let k = *n.key();
+        if (seq == 0 || k.seq < seq) && n.value().count.load(Ordering::Acquire) != 0 {
+            match groups.last_mut() {
+                Some(g) if comp_refs(&g[0].0, &k, false) == std::cmp::Ordering::Equal => g.push((k, n.value())),
+                _ => groups.push(vec![(k, n.value())]),
+            }
+        }
+        e = n.next();
+    }
+    for g in groups.into_iter().filter(|g| g.len() >= 2) {
+        let signed: Vec<i64> = g.iter().map(|(_, n)| n.count.load(Ordering::Acquire)).collect();
+        let Some((s, _)) = merge_run(&signed).or(Some((0, 0))) else { continue };
+        let mut moved = 0i64;
+        for (i, (_, n)) in g.iter().enumerate() {
+            if i == s {
+                continue;
+            }
+            let t = n.count.swap(0, Ordering::AcqRel);
+            if t != 0 {
+                moved += t;
+                refs.counters.num_entries.add(-1);
+                refs.fs.reserves.delayed_refs_rsv_release(1, 0);
+            }
+        }
+        let survivor = g[s].1;
+        let old = survivor.count.fetch_add(moved, Ordering::AcqRel);
+        match Transition::of(old, old + moved) {
+            Transition::Created => {
+                refs.counters.num_entries.add(1);
+                let c = refs.fs.reserves.geometry().delayed_ref_bytes(1);
+                refs.fs.reserves.delayed_refs.apply(|st| (st.grow(c, 0), ()));
+            }
+            Transition::Dropped => {
+                refs.counters.num_entries.add(-1);
+                refs.fs.reserves.delayed_refs_rsv_release(1, 0);
+            }
+            Transition::Merged | Transition::None => {}
+        }
+        if old <= 0 && old + moved > 0 {
+            head.add_epoch.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+/// Run a claimed head to the end (spec §3.16.4, §3.16.7).
+fn run_head<B: ExtentTree + ?Sized>(
+    refs: &LockFreeRefs,
+    backend: &B,
+    entry: &HeadEntry<'_>,
+    guard: &Guard,
+) -> Result<(HeadOutcome, RunStats)> {
+    let head = entry.value();
+    let mut stats = RunStats { heads: 1, ..RunStats::default() };
+    'outer: loop {
+        if !head.is_data {
+            merge_pass(refs, head, guard);
+        }
+        let mut ran = false;
+        // Acquire: pairs with the adders' Release bump (adds before drops).
+        let epoch0 = head.add_epoch.load(Ordering::Acquire);
+        for want_add in [true, false] {
+            let mut e = head.refs.front(guard);
+            while let Some(n) = e {
+                if !want_add && head.add_epoch.load(Ordering::Acquire) != epoch0 {
+                    continue 'outer;
+                }
+                match take_and_run(refs, backend, head, *n.key(), n.value(), want_add, &mut stats) {
+                    Ok(Take::Nothing) => {}
+                    Ok(Take::Ran) => ran = true,
+                    Ok(Take::HeldBack) => {
+                        refs.unselect(head);
+                        stats.held_back += 1;
+                        return Ok((HeadOutcome::HeldBack, stats));
+                    }
+                    Err(err) => {
+                        refs.unselect(head);
+                        return Err(err);
+                    }
+                }
+                e = n.next();
+            }
+        }
+        if ran {
+            continue;
+        }
+        // §3.16.7 step 1: a leftover extent op.
+        if head.extent_op.load().is_some() {
+            let op = head.extent_op.swap(None);
+            if let Some(op) = op {
+                if !head.must_insert_reserved.load(Ordering::Acquire) {
+                    let nb = head.num_bytes.load(Ordering::Acquire);
+                    if let Err(e) = backend.apply_extent_op(head.bytenr, nb, head.is_data, &op) {
+                        head.restore_op(*op);
+                        refs.unselect(head);
+                        return Err(Error::Backend { bytenr: head.bytenr, source: e });
+                    }
+                    stats.extent_ops += 1;
+                }
+            }
+            continue;
+        }
+        // Step 2: close from the word read before the emptiness re-check.
+        let w0 = head.state.load();
+        if adders(w0) != 0 {
+            crate::sync::spin_hint();
+            continue;
+        }
+        if head.has_refs(guard) || head.extent_op.load().is_some() {
+            continue;
+        }
+        let Some((mir, released)) = refs.retire(entry, w0) else { continue 'outer };
+        if mir {
+            // Step 4: the allocation was cancelled in this transaction.
+            backend.pin_reserved(head.bytenr, head.num_bytes.load(Ordering::Acquire), head.is_data);
+        }
+        stats.bytes_released += released;
+        stats.heads_deleted += 1;
+        crate::trace_head!("run_delayed_ref_head", head.bytenr, 0u64, crate::Action::Add, head.is_data);
+        return Ok((HeadOutcome::Deleted, stats));
+    }
+}
+
+/// Select and run one head.
+pub(super) fn run_one<B: ExtentTree + ?Sized>(
+    refs: &LockFreeRefs,
+    backend: &B,
+) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
+    let guard = refs.pin();
+    let Some(entry) = select(refs, &guard) else { return Ok(None) };
+    let bytenr = *entry.key();
+    let (outcome, stats) = run_head(refs, backend, &entry, &guard)?;
+    Ok(Some((bytenr, outcome, stats)))
+}
+
+/// `btrfs_run_delayed_refs` (spec §3.16.1).
+pub(super) fn run<B: ExtentTree + ?Sized>(refs: &LockFreeRefs, backend: &B, mode: RunMode) -> Result<RunStats> {
+    let mut stats = RunStats::default();
+    match mode {
+        RunMode::Ready => {
+            let max = refs.counters.num_heads_ready.sum().max(0);
+            for _ in 0..max {
+                match run_one(refs, backend)? {
+                    Some((_, _, s)) => stats.absorb(&s),
+                    None => break,
+                }
+            }
+        }
+        RunMode::Bytes(n) => {
+            while stats.bytes_released < n {
+                match run_one(refs, backend)? {
+                    Some((_, _, s)) => stats.absorb(&s),
+                    None => break,
+                }
+            }
+        }
+        RunMode::All => loop {
+            match run_one(refs, backend)? {
+                Some((_, _, s)) => stats.absorb(&s),
+                None => {
+                    if refs.heads.is_empty() {
+                        break;
+                    }
+                    crate::sync::yield_now();
+                }
+            }
+        },
+    }
+    Ok(stats)
+}
