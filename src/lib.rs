@@ -45,6 +45,14 @@ pub mod lockfree;
 pub mod rsv;
 pub mod trace;
 
+#[cfg(all(test, dref_loom))]
+mod loom_models;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use api::{
     AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsConfig, FsShared, HeadOutcome, HeadSnapshot,
     NodeSnapshot, RunMode, RunStats,

@@ -26,36 +26,13 @@ use arc_swap::ArcSwapOption;
 use crossbeam_epoch::{Collector, Guard};
 use crossbeam_skiplist::base::SkipList;
 
+use super::count::{self, Transition};
 use super::state::HeadState;
 use crate::api::{HeadSnapshot, NodeSnapshot};
 use crate::domain::extent_op::ExtentOp;
 use crate::domain::key::NodeKey;
 use crate::domain::kind::Action;
 use crate::sync::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-
-/// What one signed change did to a node (from its old and new count).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Transition {
-    /// 0 → non-zero: a node was inserted (`num_entries++`, reserve `C(1)`).
-    Created,
-    /// non-zero → non-zero: merged.
-    Merged,
-    /// non-zero → 0: the node was dropped (`num_entries--`, release `C(1)`).
-    Dropped,
-    /// 0 → 0: nothing.
-    None,
-}
-
-impl Transition {
-    pub(crate) fn of(old: i64, new: i64) -> Transition {
-        match (old == 0, new == 0) {
-            (true, false) => Transition::Created,
-            (false, false) => Transition::Merged,
-            (false, true) => Transition::Dropped,
-            (true, true) => Transition::None,
-        }
-    }
-}
 
 /// One ref node's mutable part.
 #[derive(Debug)]
@@ -110,11 +87,10 @@ impl Head {
     /// Apply one signed change to the node `key` (insert or merge, §3.7).
     pub(crate) fn change_node(&self, key: NodeKey, delta: i64, level: u8, guard: &Guard) -> Transition {
         let old = match self.refs.get(&key, guard) {
-            Some(e) => e.value().count.fetch_add(delta, Ordering::AcqRel),
+            Some(e) => count::change(&e.value().count, delta),
             None => {
                 let e = self.refs.get_or_insert_with(key, || RefNode { count: AtomicI64::new(0), level }, guard);
-                // AcqRel: see module docs (take vs merge).
-                let old = e.value().count.fetch_add(delta, Ordering::AcqRel);
+                let old = count::change(&e.value().count, delta);
                 e.release(guard);
                 old
             }

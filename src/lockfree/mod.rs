@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub(crate) mod count;
 pub(crate) mod state;
 
 #[cfg(not(dref_loom))]

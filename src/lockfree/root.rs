@@ -11,7 +11,8 @@ use parking_lot::Mutex;
 
 use super::counters::RootCounters;
 use super::epoch::Epoch;
-use super::head::{Head, Transition};
+use super::count::Transition;
+use super::head::Head;
 use super::state::PROCESSING;
 use crate::api::{
     self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
@@ -393,7 +394,7 @@ impl DelayedRefs for LockFreeRefs {
             self.counters.num_heads_ready.add(-1);
             let mut n = head.refs.front(&guard);
             while let Some(node) = n {
-                let v = node.value().count.swap(0, Ordering::AcqRel);
+                let v = super::count::take_all(&node.value().count);
                 if v != 0 {
                     head.ref_mod.fetch_sub(v, Ordering::AcqRel);
                     self.counters.num_entries.add(-1);

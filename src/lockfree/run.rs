@@ -24,7 +24,8 @@ use std::ops::Bound;
 use crossbeam_epoch::Guard;
 use crossbeam_skiplist::base::Entry;
 
-use super::head::{Head, Transition};
+use super::count::{self, Transition};
+use super::head::Head;
 use super::root::LockFreeRefs;
 use super::state::adders;
 use crate::api::{HeadOutcome, RunMode, RunStats};
@@ -88,8 +89,7 @@ fn take_and_run<B: ExtentTree + ?Sized>(
 ) -> Result<Take> {
     let g = *refs.fs.reserves.geometry();
     loop {
-        // Acquire: pairs with the adders' AcqRel fetch_add.
-        let v = node.count.load(Ordering::Acquire);
+        let v = count::peek(&node.count);
         if v == 0 || (v > 0) != want_add {
             return Ok(Take::Nothing);
         }
@@ -101,7 +101,7 @@ fn take_and_run<B: ExtentTree + ?Sized>(
         }
         // Relaxed: ordered before the ref_mod RMW below, which releases it.
         head.run_seq.fetch_add(1, Ordering::Relaxed);
-        if node.count.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        if !count::try_take(&node.count, v) {
             head.run_seq.fetch_add(1, Ordering::Release);
             continue;
         }
@@ -126,7 +126,7 @@ fn take_and_run<B: ExtentTree + ?Sized>(
         let res = backend.apply_ref(&run);
         if let Err(e) = res {
             // Put everything back: nothing queued may be lost.
-            let old = node.count.fetch_add(v, Ordering::AcqRel);
+            let old = count::change(&node.count, v);
             match Transition::of(old, old + v) {
                 Transition::Created => refs.counters.num_entries.add(1),
                 Transition::Merged => {
@@ -184,7 +184,7 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
             if i == s {
                 continue;
             }
-            let t = n.count.swap(0, Ordering::AcqRel);
+            let t = count::take_all(&n.count);
             if t != 0 {
                 moved += t;
                 refs.counters.num_entries.add(-1);
@@ -192,7 +192,7 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
             }
         }
         let survivor = g[s].1;
-        let old = survivor.count.fetch_add(moved, Ordering::AcqRel);
+        let old = count::change(&survivor.count, moved);
         match Transition::of(old, old + moved) {
             Transition::Created => {
                 refs.counters.num_entries.add(1);

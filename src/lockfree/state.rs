@@ -117,6 +117,7 @@ impl HeadState {
     }
 
     /// Give the claim back (unselect, spec §3.16.5).
+    #[cfg_attr(dref_loom, allow(dead_code))]
     pub(crate) fn unclaim(&self) {
         // Release: the next claimer sees this runner's changes.
         self.0.fetch_and(!PROCESSING, Ordering::Release);
@@ -132,6 +133,7 @@ impl HeadState {
         self.0.compare_exchange(w0, w0 | CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
+    #[cfg_attr(dref_loom, allow(dead_code))]
     pub(crate) fn is_closed(&self) -> bool {
         self.load() & CLOSED != 0
     }

@@ -1,0 +1,214 @@
+//! Loom models of the crate's own protocols (VERIFY tier T3).
+//!
+//! Run with:
+//! `RUSTFLAGS="--cfg dref_loom -C debug-assertions" LOOM_MAX_PREEMPTIONS=2 cargo test --release --lib loom_models -- --test-threads=1`
+//!
+//! crossbeam-skiplist and crossbeam-epoch cannot run under loom (VERIFY), so
+//! the models drive the protocol code itself — the head state word
+//! (`lockfree::state`), the node-count RMWs (`lockfree::count`) and the
+//! reserve CAS cells (`rsv`) — which the real implementation calls unchanged.
+
+use loom::sync::Arc;
+use loom::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use loom::thread;
+
+use crate::domain::geometry::Geometry;
+use crate::lockfree::count::{self, Transition};
+use crate::lockfree::state::{self, HeadState};
+use crate::rsv::cell::AtomicCell;
+use crate::rsv::handle::TransHandle;
+use crate::rsv::reserves::{FsReserves, ReleaseRouting, ReserveConfig};
+use crate::rsv::state::{FlushMode, RsvState};
+
+/// An adder's whole critical section on one head: enter, change the node,
+/// account the transition, exit. Returns whether the add landed in this head.
+fn adder(h: &HeadState, node: &AtomicI64, entries: &AtomicI64, delta: i64) -> bool {
+    match h.enter() {
+        Err(_) => false,
+        Ok(_) => {
+            let old = count::change(node, delta);
+            entries.fetch_add(Transition::of(old, old + delta).entries_delta(), Ordering::Relaxed);
+            h.exit();
+            true
+        }
+    }
+}
+
+/// Add vs close (BRIEF hazard 1): a closed head never holds a ref, and an add
+/// that landed is in a head that is still open, or was taken by the runner.
+#[test]
+fn loom_add_vs_close() {
+    loom::model(|| {
+        let h = Arc::new(HeadState::new());
+        let node = Arc::new(AtomicI64::new(0));
+        let entries = Arc::new(AtomicI64::new(0));
+        // Born and claimed by the runner before the race.
+        h.enter().unwrap();
+        h.exit();
+        assert!(h.try_claim());
+        let a = {
+            let (h, node, entries) = (h.clone(), node.clone(), entries.clone());
+            thread::spawn(move || adder(&h, &node, &entries, 1))
+        };
+        // Runner: take what is there, then try to close from the exact word.
+        let mut taken = 0;
+        let mut closed = false;
+        for _ in 0..2 {
+            let v = count::peek(&node);
+            if v != 0 {
+                if count::try_take(&node, v) {
+                    taken += v;
+                    entries.fetch_sub(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            let w0 = h.load();
+            if state::adders(w0) == 0 && count::peek(&node) == 0 && h.close_from(w0) {
+                closed = true;
+                break;
+            }
+        }
+        let landed = a.join().unwrap();
+        let left = node.load(Ordering::SeqCst);
+        if closed {
+            assert_eq!(left, 0, "a closed head lost a ref");
+        }
+        assert_eq!(taken + left, if landed { 1 } else { 0 }, "a ref was lost or doubled");
+        assert_eq!(entries.load(Ordering::SeqCst), (left != 0) as i64, "num_entries drifted");
+    });
+}
+
+/// Claim vs claim (hazard 2, invariant 5): exactly one runner wins.
+#[test]
+fn loom_claim_vs_claim() {
+    loom::model(|| {
+        let h = Arc::new(HeadState::new());
+        h.enter().unwrap();
+        h.exit();
+        let t = {
+            let h = h.clone();
+            thread::spawn(move || h.try_claim())
+        };
+        let mine = h.try_claim();
+        let theirs = t.join().unwrap();
+        assert!(mine ^ theirs, "claims: {mine} {theirs}");
+    });
+}
+
+/// Take vs merge/flip (hazard 3): an adder drops (+1 → 0 → -1 via two
+/// drops) while the runner takes; the signed sum is preserved and the
+/// transition accounting leaves `num_entries` exact.
+#[test]
+fn loom_take_vs_merge_flip() {
+    loom::model(|| {
+        let node = Arc::new(AtomicI64::new(1));
+        let entries = Arc::new(AtomicI64::new(1));
+        let done = Arc::new(AtomicBool::new(false));
+        let a = {
+            let (node, entries, done) = (node.clone(), entries.clone(), done.clone());
+            thread::spawn(move || {
+                for _ in 0..2 {
+                    let old = count::change(&node, -1);
+                    entries.fetch_add(Transition::of(old, old - 1).entries_delta(), Ordering::Relaxed);
+                }
+                done.store(true, Ordering::Release);
+            })
+        };
+        // Runner: one add-phase take attempt (retrying on a lost CAS).
+        let mut taken = 0;
+        loop {
+            let v = count::peek(&node);
+            if v <= 0 {
+                break;
+            }
+            if count::try_take(&node, v) {
+                taken += v;
+                entries.fetch_sub(1, Ordering::Relaxed);
+                break;
+            }
+        }
+        a.join().unwrap();
+        let left = node.load(Ordering::SeqCst);
+        assert_eq!(taken + left, 1 - 2, "signed sum not preserved");
+        assert_eq!(entries.load(Ordering::SeqCst), (left != 0) as i64);
+    });
+}
+
+fn small_reserves() -> FsReserves<AtomicCell> {
+    FsReserves::new(ReserveConfig {
+        geometry: Geometry { nodesize: 4096, sectorsize: 4096, csum_size: 4, free_space_tree: false },
+        routing: ReleaseRouting::V6_8,
+        space_total: 1 << 28,
+        global_size: 0,
+    })
+}
+
+fn check_rsv(r: &FsReserves<AtomicCell>) {
+    let s = r.snapshot();
+    assert!(s.delayed_refs.reserved <= s.delayed_refs.size || (s.delayed_refs.size as i64) < 0, "inv 22: {s:?}");
+    assert_eq!(s.space.may_use, s.delayed_refs.reserved + s.global.reserved, "inv 23 (exact here): {s:?}");
+}
+
+/// Update vs release (§3.20.2/3): both transitions land, nothing leaks.
+#[test]
+fn loom_rsv_update_vs_release() {
+    loom::model(|| {
+        let r = Arc::new(small_reserves());
+        let c = r.geometry().delayed_ref_bytes(1);
+        // One node queued and backed; a handle holding C(1) for a second.
+        r.space.reserve(2 * c, FlushMode::NoFlush).unwrap();
+        r.delayed_refs.apply(|s| (s.grow(c, c), ()));
+        let mut h = TransHandle::default();
+        h.local = RsvState { size: c, reserved: c };
+        h.delayed_ref_updates = 1;
+        let t = {
+            let r = r.clone();
+            thread::spawn(move || {
+                r.update_delayed_refs_rsv(&mut h);
+            })
+        };
+        r.delayed_refs_rsv_release(1, 0);
+        t.join().unwrap();
+        let s = r.snapshot();
+        assert_eq!(s.delayed_refs.size, c);
+        check_rsv(&r);
+    });
+}
+
+/// Refill vs refill (§5.3): the re-check returns the surplus.
+#[test]
+fn loom_rsv_refill_vs_refill() {
+    loom::model(|| {
+        let r = Arc::new(small_reserves());
+        let c = r.geometry().delayed_ref_bytes(1);
+        r.delayed_refs.apply(|s| (s.grow(c, 0), ()));
+        let t = {
+            let r = r.clone();
+            thread::spawn(move || r.refill(FlushMode::FlushAll).unwrap())
+        };
+        r.refill(FlushMode::FlushAll).unwrap();
+        t.join().unwrap();
+        let s = r.snapshot();
+        assert_eq!(s.delayed_refs, RsvState { size: c, reserved: c });
+        check_rsv(&r);
+    });
+}
+
+/// Refill vs release: a refill racing a shrink never leaves reserved > size.
+#[test]
+fn loom_rsv_refill_vs_release() {
+    loom::model(|| {
+        let r = Arc::new(small_reserves());
+        let c = r.geometry().delayed_ref_bytes(1);
+        r.delayed_refs.apply(|s| (s.grow(c, 0), ()));
+        let t = {
+            let r = r.clone();
+            thread::spawn(move || r.refill(FlushMode::FlushAll).unwrap())
+        };
+        r.delayed_refs_rsv_release(1, 0);
+        t.join().unwrap();
+        let s = r.snapshot();
+        assert_eq!(s.delayed_refs, RsvState { size: 0, reserved: 0 });
+        check_rsv(&r);
+    });
+}
