@@ -52,6 +52,16 @@ impl Epoch {
         })
     }
 
+    /// Advance the epoch and run deferred frees until every bag queued so
+    /// far is collected (each flush collects a bounded number of bags, and an
+    /// object needs two epoch advances).
+    pub(crate) fn flush_all(&self) {
+        let handle = self.collector.register();
+        for _ in 0..256 {
+            handle.pin().flush();
+        }
+    }
+
     /// Drop this thread's cached handle (lets the collector go when the
     /// root is dropped on this thread).
     pub(crate) fn forget_local(&self) {

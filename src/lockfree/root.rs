@@ -63,6 +63,11 @@ impl std::fmt::Debug for LockFreeRefs {
 
 impl Drop for LockFreeRefs {
     fn drop(&mut self) {
+        // Retired heads wait in the collector's garbage, and each holds a
+        // clone of the collector (its nested node list): a cycle that would
+        // keep both alive forever. Advance the epoch and collect until the
+        // garbage is gone (no thread can be pinned: we hold `&mut self`).
+        self.epoch.flush_all();
         self.epoch.forget_local();
     }
 }
