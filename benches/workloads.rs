@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented items
 //! criterion benches: W4 add-only and W3 hot head, both implementations,
 //! 1/2/4/8/16 threads (BRIEF §5). Each iteration spawns the threads, which
 //! each queue `ADDS_PER_THREAD` adds; throughput is reported per add.

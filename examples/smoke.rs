@@ -5,8 +5,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 fn go<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
     let tree = MemExtentTree::new();
-    tree.insert_item(1 << 40, ExtentItem { num_bytes: 4096, is_data: true, refs: 1, flags: EXTENT_FLAG_DATA,
-        backrefs: [(RefKey::ExtentData { root: 5, objectid: 1, offset: 0 }, 1)].into(), ..Default::default() });
+    tree.insert_item(
+        1 << 40,
+        ExtentItem {
+            num_bytes: 4096,
+            is_data: true,
+            refs: 1,
+            flags: EXTENT_FLAG_DATA,
+            backrefs: [(RefKey::ExtentData { root: 5, objectid: 1, offset: 0 }, 1)].into(),
+            ..Default::default()
+        },
+    );
     let stop = AtomicBool::new(false);
     let t0 = std::time::Instant::now();
     std::thread::scope(|s| {
@@ -26,13 +35,33 @@ fn go<D: DelayedRefs>() {
                     let mut h = TransHandle::new();
                     for i in 0..5000u64 {
                         let b = ((t << 32) | (i + 1)) << 12;
-                        refs.add_data_ref(&mut h, &GenericRef::new(Action::AddExtent, b, 4096, 0, 5).data(5, 257, i, 0, false), 4096).unwrap();
+                        refs.add_data_ref(
+                            &mut h,
+                            &GenericRef::new(Action::AddExtent, b, 4096, 0, 5).data(5, 257, i, 0, false),
+                            4096,
+                        )
+                        .unwrap();
                         for k in 0..3 {
-                            refs.add_data_ref(&mut h, &GenericRef::new(Action::Add, b, 4096, 0, 5).data(5, 300 + k, i, 0, false), 0).unwrap();
+                            refs.add_data_ref(
+                                &mut h,
+                                &GenericRef::new(Action::Add, b, 4096, 0, 5).data(5, 300 + k, i, 0, false),
+                                0,
+                            )
+                            .unwrap();
                         }
-                        refs.add_data_ref(&mut h, &GenericRef::new(Action::Drop, b, 4096, 0, 5).data(5, 300, i, 0, false), 0).unwrap();
+                        refs.add_data_ref(
+                            &mut h,
+                            &GenericRef::new(Action::Drop, b, 4096, 0, 5).data(5, 300, i, 0, false),
+                            0,
+                        )
+                        .unwrap();
                         // hot head shared by everyone
-                        refs.add_data_ref(&mut h, &GenericRef::new(Action::Add, 1 << 40, 4096, 0, 5).data(5, 7, t, 0, false), 0).unwrap();
+                        refs.add_data_ref(
+                            &mut h,
+                            &GenericRef::new(Action::Add, 1 << 40, 4096, 0, 5).data(5, 7, t, 0, false),
+                            0,
+                        )
+                        .unwrap();
                     }
                 })
             })

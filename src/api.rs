@@ -189,7 +189,7 @@ pub struct AddOutcome {
 /// All methods take `&self` and are safe to call from many threads at once.
 ///
 /// ```
-/// use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockedRefs, MemExtentTree,
+/// use delayed_refs::{Action, DelayedRefs, ExtentTree, FsConfig, GenericRef, LockedRefs, MemExtentTree,
 ///     RunMode, TransHandle};
 /// let refs = LockedRefs::new(FsConfig::default());
 /// let tree = MemExtentTree::new();

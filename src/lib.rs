@@ -19,7 +19,7 @@
 //! beside the project; docs/architecture.md maps modules to them.
 //!
 //! ```
-//! use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockedRefs, MemExtentTree,
+//! use delayed_refs::{Action, DelayedRefs, ExtentTree, FsConfig, GenericRef, LockedRefs, MemExtentTree,
 //!     RunMode, TransHandle};
 //! let refs = LockedRefs::new(FsConfig::default());
 //! let tree = MemExtentTree::new();
@@ -61,7 +61,9 @@ pub use domain::extent_op::{DiskKey, ExtentOp};
 pub use domain::generic_ref::{GenericRef, RefPayload, skip_qgroup};
 pub use domain::geometry::Geometry;
 pub use domain::key::{NodeKey, RefKey, comp_refs};
-pub use domain::kind::{Action, BLOCK_FLAG_FULL_BACKREF, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, RefType, is_fstree, roots};
+pub use domain::kind::{
+    Action, BLOCK_FLAG_FULL_BACKREF, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, RefType, is_fstree, roots,
+};
 pub use domain::qgroup::QgroupRecord;
 pub use domain::seq::{SeqBlocker, SeqTracker};
 pub use error::{Error, ExtentError, Result};

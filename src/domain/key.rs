@@ -65,9 +65,7 @@ impl RefKey {
 
     /// Compare two identities: type code, then the type's fields (§2.1 steps 1-2).
     pub fn cmp_identity(&self, other: &RefKey) -> Ordering {
-        (self.ref_type() as u8)
-            .cmp(&(other.ref_type() as u8))
-            .then_with(|| self.fields().cmp(&other.fields()))
+        (self.ref_type() as u8).cmp(&(other.ref_type() as u8)).then_with(|| self.fields().cmp(&other.fields()))
     }
 }
 

@@ -19,8 +19,7 @@ pub struct QgroupRecord {
 impl QgroupRecord {
     /// Build the record an add would insert (spec §3.4 step 4).
     pub fn new(bytenr: u64, num_bytes: u64, ref_root: u64, reserved: u64) -> Self {
-        let (data_rsv, data_rsv_refroot) =
-            if ref_root != 0 && reserved != 0 { (reserved, ref_root) } else { (0, 0) };
+        let (data_rsv, data_rsv_refroot) = if ref_root != 0 && reserved != 0 { (reserved, ref_root) } else { (0, 0) };
         QgroupRecord { bytenr, num_bytes, data_rsv, data_rsv_refroot }
     }
 

@@ -120,8 +120,7 @@ impl HeadInner {
     /// identity and a seq older than the blocker collapses to at most one.
     /// Returns the number of nodes dropped.
     pub fn merge_pass(&mut self, seq: u64) -> u64 {
-        let eligible: Vec<NodeKey> =
-            self.refs.keys().copied().filter(|k| seq == 0 || k.seq < seq).collect();
+        let eligible: Vec<NodeKey> = self.refs.keys().copied().filter(|k| seq == 0 || k.seq < seq).collect();
         let mut dropped = 0;
         let mut i = 0;
         while i < eligible.len() {

@@ -181,7 +181,13 @@ impl LockedRefs {
         Ok(out)
     }
 
-    fn add_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64, op: Option<ExtentOp>) -> Result<AddOutcome> {
+    fn add_ref(
+        &self,
+        trans: &mut TransHandle,
+        gref: &GenericRef,
+        reserved: u64,
+        op: Option<ExtentOp>,
+    ) -> Result<AddOutcome> {
         let is_data = gref.is_data();
         let key = gref.node_key(self.fs.seq.current());
         let rec = (self.fs.qgroups && !gref.skip_qgroup)

@@ -19,13 +19,8 @@ type Token = ArcMutexGuard<RawMutex, ()>;
 /// `btrfs_select_ref_head` (spec §3.13), root lock held.
 fn select_head(root: &mut Root) -> Option<Arc<Head>> {
     let start = root.run_delayed_start;
-    let pick = root
-        .heads
-        .range(start..)
-        .chain(root.heads.range(..start))
-        .map(|(_, h)| h)
-        .find(|h| !h.processing())
-        .cloned();
+    let pick =
+        root.heads.range(start..).chain(root.heads.range(..start)).map(|(_, h)| h).find(|h| !h.processing()).cloned();
     let Some(h) = pick else {
         root.run_delayed_start = 0;
         return None;

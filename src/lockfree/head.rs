@@ -65,7 +65,14 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    pub(crate) fn new(collector: &Collector, bytenr: u64, num_bytes: u64, is_data: bool, is_system: bool, reserved: u64) -> Self {
+    pub(crate) fn new(
+        collector: &Collector,
+        bytenr: u64,
+        num_bytes: u64,
+        is_data: bool,
+        is_system: bool,
+        reserved: u64,
+    ) -> Self {
         Head {
             bytenr,
             is_data,

@@ -9,9 +9,9 @@ use crossbeam_epoch::Guard;
 use crossbeam_skiplist::base::{Entry, SkipList};
 use parking_lot::Mutex;
 
+use super::count::Transition;
 use super::counters::RootCounters;
 use super::epoch::Epoch;
-use super::count::Transition;
 use super::head::Head;
 use super::state::PROCESSING;
 use crate::api::{
@@ -32,7 +32,7 @@ use crate::sync::{AtomicU64, Ordering};
 /// The lock-free delayed-ref root (see the module docs of `lockfree`).
 ///
 /// ```
-/// use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockFreeRefs, MemExtentTree,
+/// use delayed_refs::{Action, DelayedRefs, ExtentTree, FsConfig, GenericRef, LockFreeRefs, MemExtentTree,
 ///     RunMode, TransHandle};
 /// let refs = LockFreeRefs::new(FsConfig::default());
 /// let tree = MemExtentTree::new();
@@ -101,7 +101,16 @@ impl LockFreeRefs {
                     // The closure may run and be discarded (BRIEF §4): no side effects.
                     let r = self.heads.get_or_insert_with(
                         upd.bytenr,
-                        || Head::new(self.epoch.collector(), upd.bytenr, upd.num_bytes, upd.is_data, upd.is_system, upd.reserved),
+                        || {
+                            Head::new(
+                                self.epoch.collector(),
+                                upd.bytenr,
+                                upd.num_bytes,
+                                upd.is_data,
+                                upd.is_system,
+                                upd.reserved,
+                            )
+                        },
                         guard,
                     );
                     r.release(guard);
@@ -202,7 +211,13 @@ impl LockFreeRefs {
         Ok(out)
     }
 
-    fn add_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64, op: Option<ExtentOp>) -> Result<AddOutcome> {
+    fn add_ref(
+        &self,
+        trans: &mut TransHandle,
+        gref: &GenericRef,
+        reserved: u64,
+        op: Option<ExtentOp>,
+    ) -> Result<AddOutcome> {
         let is_data = gref.is_data();
         let key = gref.node_key(self.fs.seq.current());
         let rec = (self.fs.qgroups && !gref.skip_qgroup)
@@ -355,8 +370,7 @@ impl DelayedRefs for LockFreeRefs {
         let Some(e) = self.heads.get(&bytenr, &guard) else { return CleanupOutcome::NoHead };
         let head = e.value();
         let busy = |h: &Head| {
-            h.has_refs(&guard)
-                || (h.extent_op.load().is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
+            h.has_refs(&guard) || (h.extent_op.load().is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
         };
         if busy(head) || !head.state.try_claim() {
             return CleanupOutcome::Busy;

@@ -198,7 +198,11 @@ impl<C: PairCell> FsReserves<C> {
 
     /// A snapshot of all reserves (not atomic across cells).
     pub fn snapshot(&self) -> ReservesSnapshot {
-        ReservesSnapshot { delayed_refs: self.delayed_refs.state(), global: self.global.state(), space: self.space.state() }
+        ReservesSnapshot {
+            delayed_refs: self.delayed_refs.state(),
+            global: self.global.state(),
+            space: self.space.state(),
+        }
     }
 
     /// The type a per-handle reserve has under the configured routing.
@@ -355,10 +359,12 @@ impl<C: PairCell> FsReserves<C> {
     /// delayed refs reserve, else fresh space, else the global reserve, else
     /// the emergency reserve, else `NoSpace`. The bytes become `used`.
     pub fn use_block_rsv(&self, n: u64) -> Result<()> {
-        let from_rsv = |r: &BlockRsv<C>| r.apply(|s| match s.use_bytes(n) {
-            Some(ns) => (ns, true),
-            None => (s, false),
-        });
+        let from_rsv = |r: &BlockRsv<C>| {
+            r.apply(|s| match s.use_bytes(n) {
+                Some(ns) => (ns, true),
+                None => (s, false),
+            })
+        };
         let taken = from_rsv(&self.delayed_refs)
             || self.space.reserve(n, FlushMode::NoFlush).is_ok()
             || from_rsv(&self.global)

@@ -1,0 +1,167 @@
+//! End-of-round checks: drain everything, then compare counters, the
+//! delayed-refs reserve and the extent tree with what must hold at quiescence.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use delayed_refs::{DelayedRefs, MemExtentTree, RunMode};
+
+use crate::oracle::Oracle;
+
+/// How long the final drain may take before the run is declared hung.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How many violation descriptions are kept.
+const MAX_MESSAGES: usize = 12;
+
+/// Everything that went wrong in one or more rounds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Violations {
+    /// Refs the tree lacks (lost add or doubled drop).
+    pub lost: u64,
+    /// Extra refs in the tree (doubled add or lost drop).
+    pub doubled: u64,
+    /// Tree blocks whose flags disagree with the queued extent ops.
+    pub flag_mismatches: u64,
+    /// Operations or runs that returned an error.
+    pub errors: u64,
+    /// Rounds that ended with a root counter not zero or heads still indexed.
+    pub counters_nonzero: u64,
+    /// Rounds whose delayed-refs reserve size did not return to its start.
+    pub rsv_leaks: u64,
+    /// The first few violations, described.
+    pub messages: Vec<String>,
+}
+
+impl Violations {
+    /// Whether nothing went wrong.
+    pub fn is_ok(&self) -> bool {
+        self.lost == 0
+            && self.doubled == 0
+            && self.flag_mismatches == 0
+            && self.errors == 0
+            && self.counters_nonzero == 0
+            && self.rsv_leaks == 0
+    }
+
+    /// Keep a description if there is room.
+    pub fn note(&mut self, msg: String) {
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(msg);
+        }
+    }
+
+    /// Count `n` failed operations described by `samples`.
+    pub fn op_errors(&mut self, n: u64, samples: &[String]) {
+        self.errors += n;
+        for s in samples {
+            self.note(format!("error: {s}"));
+        }
+    }
+
+    /// Add another tally to this one.
+    pub fn absorb(&mut self, o: &Violations) {
+        self.lost += o.lost;
+        self.doubled += o.doubled;
+        self.flag_mismatches += o.flag_mismatches;
+        self.errors += o.errors;
+        self.counters_nonzero += o.counters_nonzero;
+        self.rsv_leaks += o.rsv_leaks;
+        for m in &o.messages {
+            self.note(m.clone());
+        }
+    }
+
+    /// `lost=.. doubled=..` and every other non-zero tally.
+    pub fn summary(&self) -> String {
+        let mut s = format!("lost={} doubled={}", self.lost, self.doubled);
+        for (name, n) in [
+            ("flag_mismatches", self.flag_mismatches),
+            ("errors", self.errors),
+            ("counters_nonzero", self.counters_nonzero),
+            ("rsv_leaks", self.rsv_leaks),
+        ] {
+            if n != 0 {
+                s.push_str(&format!(" {name}={n}"));
+            }
+        }
+        s
+    }
+}
+
+/// The delayed-refs reserve size now.
+pub fn rsv_size<D: DelayedRefs>(refs: &D) -> u64 {
+    refs.fs().reserves.snapshot().delayed_refs.size
+}
+
+/// `run(RunMode::All)` under a watchdog that ends the process if it hangs.
+fn drain_all<D: DelayedRefs>(refs: &D, tree: &MemExtentTree) -> delayed_refs::Result<delayed_refs::RunStats> {
+    let (done, wait) = mpsc::channel::<()>();
+    let dog = std::thread::spawn(move || {
+        if wait.recv_timeout(DRAIN_TIMEOUT) == Err(mpsc::RecvTimeoutError::Timeout) {
+            eprintln!("stress: the final run(RunMode::All) did not return within {DRAIN_TIMEOUT:?}: hung");
+            std::process::exit(1);
+        }
+    });
+    let r = refs.run(tree, RunMode::All);
+    // The watchdog ends either way: by the message or by the disconnect.
+    let _ = done.send(());
+    let _ = dog.join();
+    r
+}
+
+/// Drain everything left, then check at quiescence: root counters zero, no
+/// head indexed, the reserve size back at `rsv_start`, and the tree equal to
+/// `oracle`. Returns the refs the drain ran.
+pub fn finish_round<D: DelayedRefs>(
+    refs: &D,
+    tree: &MemExtentTree,
+    oracle: &Oracle,
+    rsv_start: u64,
+    v: &mut Violations,
+) -> u64 {
+    let drained = match drain_all(refs, tree) {
+        Ok(s) => s.refs,
+        Err(e) => {
+            v.errors += 1;
+            v.note(format!("final run(All) failed: {e}"));
+            0
+        }
+    };
+    let c = refs.counters();
+    let heads_left = refs.snapshot().len();
+    if c.num_heads != 0 || c.num_heads_ready != 0 || c.num_entries != 0 || c.pending_csums != 0 || heads_left != 0 {
+        v.counters_nonzero += 1;
+        v.note(format!("after the final drain: {c:?}, {heads_left} heads indexed"));
+    }
+    let rsv_end = rsv_size(refs);
+    if rsv_end != rsv_start {
+        v.rsv_leaks += 1;
+        v.note(format!("delayed-refs reserve size {rsv_end}, started at {rsv_start}"));
+    }
+    let diff = oracle.compare(tree);
+    v.lost += diff.lost;
+    v.doubled += diff.doubled;
+    v.flag_mismatches += diff.flag_mismatches;
+    for s in diff.samples {
+        v.note(s);
+    }
+    drained
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_lists_nonzero_tallies() {
+        let mut v = Violations::default();
+        assert!(v.is_ok());
+        assert_eq!(v.summary(), "lost=0 doubled=0");
+        v.rsv_leaks = 1;
+        let mut w = Violations::default();
+        w.absorb(&v);
+        assert!(!w.is_ok());
+        assert_eq!(w.summary(), "lost=0 doubled=0 rsv_leaks=1");
+    }
+}

@@ -1,0 +1,166 @@
+//! Command-line interface: subcommands, flags and their defaults.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Stress, replay and memory tools for the delayed-refs implementations.
+#[derive(Debug, Parser)]
+#[command(name = "delayed-refs-stress", version, about)]
+pub struct Cli {
+    /// What to do; without a subcommand, `stress` runs with its defaults.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a concurrent workload and check the final extent tree against an oracle.
+    Stress(StressArgs),
+    /// Measure memory per pending ref and per head (not yet implemented).
+    Mem(MemArgs),
+    /// Replay a recorded kernel trace directory against the implementations.
+    Replay(ReplayCliArgs),
+}
+
+/// Which implementations a command runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ImplChoice {
+    /// The lock-free implementation.
+    Lockfree,
+    /// The port with the kernel's locking.
+    Locked,
+    /// Both, interleaved in short rounds (locked, lockfree, locked, ...).
+    Both,
+}
+
+impl ImplChoice {
+    /// The implementation names this choice selects, in run order.
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            ImplChoice::Lockfree => &["lockfree"],
+            ImplChoice::Locked => &["locked"],
+            ImplChoice::Both => &["locked", "lockfree"],
+        }
+    }
+
+    /// The flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImplChoice::Lockfree => "lockfree",
+            ImplChoice::Locked => "locked",
+            ImplChoice::Both => "both",
+        }
+    }
+}
+
+/// The stress workloads (brief §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadKind {
+    /// W1: adders on random bytenrs over `--heads` heads, ~4 refs per head, runners retiring heads.
+    Spread,
+    /// W2: prefill `--heads` heads x 4 refs, then `--runners` threads drain everything.
+    Drain,
+    /// W3: every adder on one head (or `--heads 8`), runners retiring it.
+    Hot,
+    /// W4: merge throughput, adds and cancelling drops with no runner.
+    AddOnly,
+    /// Wide head: `--keys` distinct backref keys under one head.
+    Wide,
+    /// Adders and runners at once on data and tree refs, drops and extent ops.
+    Mixed,
+}
+
+impl WorkloadKind {
+    /// The flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Spread => "spread",
+            WorkloadKind::Drain => "drain",
+            WorkloadKind::Hot => "hot",
+            WorkloadKind::AddOnly => "add-only",
+            WorkloadKind::Wide => "wide",
+            WorkloadKind::Mixed => "mixed",
+        }
+    }
+}
+
+/// Flags of `stress`.
+#[derive(Clone, Debug, Args)]
+pub struct StressArgs {
+    /// Implementation(s) to run.
+    #[arg(long = "impl", value_enum, default_value = "both")]
+    pub impl_choice: ImplChoice,
+    /// Workload.
+    #[arg(long, value_enum, default_value = "spread")]
+    pub workload: WorkloadKind,
+    /// Adder threads (prefill threads for `drain`).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Runner threads [default: 1; 0 for `wide`; always 0 for `add-only`].
+    #[arg(long)]
+    pub runners: Option<usize>,
+    /// Timed seconds per implementation, split into rounds.
+    #[arg(long, default_value_t = 4.0)]
+    pub seconds: f64,
+    /// Heads (extents) [default: 10000; 1 for `hot` and `wide`].
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Distinct backref keys kept live by `wide` over all threads.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: usize,
+    /// Rounds per implementation [default: about one per second].
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Random seed [default: from the clock; printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for StressArgs {
+    fn default() -> Self {
+        StressArgs {
+            impl_choice: ImplChoice::Both,
+            workload: WorkloadKind::Spread,
+            threads: 2,
+            runners: None,
+            seconds: 4.0,
+            heads: None,
+            keys: 10_000,
+            rounds: None,
+            seed: None,
+            json: false,
+        }
+    }
+}
+
+/// Flags of `mem` (accepted and ignored until it is implemented).
+#[derive(Clone, Debug, Args)]
+pub struct MemArgs {
+    /// Anything.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub rest: Vec<String>,
+}
+
+/// Flags of `replay`.
+#[derive(Clone, Debug, Args)]
+pub struct ReplayCliArgs {
+    /// A recorded run directory (see the traces README).
+    pub run_dir: PathBuf,
+    /// Implementation(s) to replay against.
+    #[arg(long = "impl", value_enum, default_value = "both")]
+    pub impl_choice: ImplChoice,
+    /// Adder threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Runner threads.
+    #[arg(long, default_value_t = 1)]
+    pub runners: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}

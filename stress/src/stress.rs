@@ -1,0 +1,165 @@
+//! The `stress` subcommand: resolve the parameters, run short rounds of the
+//! selected implementations interleaved (locked, lockfree, locked, ...),
+//! report medians and a verdict.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use delayed_refs::DelayedRefs;
+use indicatif::ProgressBar;
+
+use crate::cli::{ImplChoice, StressArgs, WorkloadKind};
+use crate::impls::{self, ImplVisitor};
+use crate::progress::Progress;
+use crate::report::{self, Header, ImplRun, Summary};
+use crate::stats::RoundResult;
+use crate::workloads::{self, Params};
+
+/// Most adder threads (the bytenr layout gives each one a 2^36-extent range).
+const MAX_THREADS: usize = 4000;
+
+/// Most rounds chosen by default.
+const MAX_DEFAULT_ROUNDS: usize = 20;
+
+/// Exit code for a violation.
+const EXIT_FAIL: i32 = 1;
+
+/// Exit code for a usage error or a missing implementation.
+const EXIT_USAGE: i32 = 2;
+
+/// One round of the workload with whichever implementation dispatch picks.
+struct RoundVisitor<'a> {
+    params: &'a Params,
+    seed: u64,
+    bar: &'a ProgressBar,
+}
+
+impl ImplVisitor for RoundVisitor<'_> {
+    type Output = RoundResult;
+
+    fn visit<D: DelayedRefs>(self) -> RoundResult {
+        workloads::run_round::<D>(self.params, self.seed, self.bar)
+    }
+}
+
+/// Check the flags and fill in per-workload defaults.
+fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
+    if args.threads == 0 || args.threads > MAX_THREADS {
+        return Err(format!("--threads must be in 1..={MAX_THREADS}"));
+    }
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        return Err("--seconds must be a positive number".into());
+    }
+    let w = args.workload;
+    let runners = match w {
+        WorkloadKind::AddOnly => {
+            if args.runners.is_some_and(|r| r != 0) {
+                eprintln!("stress: add-only runs no runner; --runners ignored");
+            }
+            0
+        }
+        WorkloadKind::Wide => args.runners.unwrap_or(0),
+        WorkloadKind::Drain => args.runners.unwrap_or(1).max(1),
+        _ => args.runners.unwrap_or(1),
+    };
+    let heads = args.heads.unwrap_or(match w {
+        WorkloadKind::Hot | WorkloadKind::Wide => 1,
+        _ => 10_000,
+    });
+    if heads == 0 || args.keys == 0 {
+        return Err("--heads and --keys must be at least 1".into());
+    }
+    let rounds = match args.rounds {
+        Some(0) => return Err("--rounds must be at least 1".into()),
+        Some(r) => r,
+        None => (args.seconds.round() as usize).clamp(1, MAX_DEFAULT_ROUNDS),
+    };
+    let seed = args
+        .seed
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0x5eed));
+    let params = Params {
+        workload: w,
+        threads: args.threads,
+        runners,
+        heads,
+        keys: args.keys,
+        round: Duration::from_secs_f64(args.seconds / rounds as f64),
+    };
+    let header = Header {
+        workload: w.as_str(),
+        threads: args.threads,
+        runners,
+        seconds: args.seconds,
+        heads,
+        keys: args.keys,
+        rounds,
+        seed,
+    };
+    Ok((params, header))
+}
+
+/// Run `stress` and return the process exit code.
+pub fn run(args: &StressArgs) -> i32 {
+    let (params, header) = match resolve(args) {
+        Ok(x) => x,
+        Err(msg) => {
+            eprintln!("stress: {msg}");
+            return EXIT_USAGE;
+        }
+    };
+    let (avail, unavail): (Vec<&'static str>, Vec<&'static str>) =
+        args.impl_choice.names().iter().copied().partition(|n| impls::is_available(n));
+    for n in &unavail {
+        eprintln!("stress: {}", impls::unavailable_message(n));
+    }
+    if avail.is_empty() {
+        return EXIT_USAGE;
+    }
+    let progress = Progress::new(args.json);
+    let mut runs: Vec<ImplRun> = avail.iter().map(|&name| ImplRun { name, rounds: Vec::new() }).collect();
+    for r in 0..header.rounds {
+        let seed = header.seed.wrapping_add((r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for run in &mut runs {
+            let label = format!("{} {} {}/{}", run.name, header.workload, r + 1, header.rounds);
+            let bar = progress.phase(&label, params.round);
+            let v = RoundVisitor { params: &params, seed, bar: &bar };
+            let res = impls::with_impl(run.name, v).expect("only available implementations are run");
+            bar.finish_with_message(if res.violations.is_ok() { "ok" } else { "FAIL" });
+            run.rounds.push(res);
+        }
+    }
+    let sums: Vec<Summary> = runs.iter().map(Summary::of).collect();
+    let ratio = (args.impl_choice == ImplChoice::Both).then(|| {
+        let find = |n: &str| runs.iter().find(|r| r.name == n);
+        find("locked").zip(find("lockfree")).and_then(|(a, b)| report::ratio(a, b))
+    });
+    let all = report::total(&sums);
+    if args.json {
+        println!("{}", report::json(&header, &sums, &unavail, ratio));
+    } else {
+        print!("{}", report::table(&header, &sums, &unavail, ratio));
+        for m in &all.messages {
+            eprintln!("violation: {m}");
+        }
+        println!("{}", report::verdict_line(&all));
+    }
+    if all.is_ok() { 0 } else { EXIT_FAIL }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_workload() {
+        let mut a = StressArgs::default();
+        let (p, h) = resolve(&a).unwrap();
+        assert_eq!((p.threads, p.runners, p.heads, h.rounds), (2, 1, 10_000, 4));
+        a.workload = WorkloadKind::Hot;
+        assert_eq!(resolve(&a).unwrap().0.heads, 1);
+        a.workload = WorkloadKind::AddOnly;
+        a.runners = Some(3);
+        assert_eq!(resolve(&a).unwrap().0.runners, 0);
+        a.threads = 0;
+        assert!(resolve(&a).is_err());
+    }
+}

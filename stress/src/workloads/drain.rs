@@ -1,0 +1,96 @@
+//! W2 drain: prefill `heads` x 4 refs with the adder threads, then the runner
+//! threads drain everything with `run(RunMode::All)`; repeated until the
+//! round's time is up. Prefills alternate between allocating the extents
+//! (4 adds each) and freeing them (4 drops each), so the tree stays bounded.
+//!
+//! Throughput counts refs drained per second of drain time; the latency
+//! figures are those of the prefill adds.
+
+use std::sync::Barrier;
+use std::time::Instant;
+
+use delayed_refs::{DelayedRefs, MemExtentTree, RunMode, TransHandle};
+use indicatif::ProgressBar;
+
+use super::slots::{Pattern, REFS_PER_HEAD, SlotAdder};
+use super::{Adder, Params};
+use crate::check::{Violations, finish_round, rsv_size};
+use crate::oracle::Oracle;
+use crate::stats::{RoundResult, ThreadStats, merge_threads};
+
+/// Every adder queues `REFS_PER_HEAD` ops on each of its slots, in parallel.
+fn prefill<D: DelayedRefs>(refs: &D, adders: &mut [SlotAdder], stats: &mut [ThreadStats]) {
+    std::thread::scope(|s| {
+        for (a, st) in adders.iter_mut().zip(stats.iter_mut()) {
+            s.spawn(move || {
+                let mut trans = TransHandle::new();
+                for i in 0..a.slots() {
+                    for _ in 0..REFS_PER_HEAD {
+                        let t0 = Instant::now();
+                        match a.step_slot(i, refs, &mut trans) {
+                            Ok(()) => st.record(t0.elapsed().as_nanos() as u64),
+                            Err(e) => st.error(|| e),
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// `runners` threads call `run(RunMode::All)` at once; returns the seconds
+/// until the last one returned.
+fn drain<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, runner_stats: &mut [ThreadStats]) -> f64 {
+    let barrier = Barrier::new(runner_stats.len() + 1);
+    std::thread::scope(|s| {
+        let barrier = &barrier;
+        for st in runner_stats.iter_mut() {
+            s.spawn(move || {
+                barrier.wait();
+                match refs.run(tree, RunMode::All) {
+                    Ok(r) => st.ops += r.refs,
+                    Err(e) => st.error(|| format!("drain run(All): {e}")),
+                }
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        // The scope joins the runners before it returns.
+        start
+    })
+    .elapsed()
+    .as_secs_f64()
+}
+
+/// One round of the drain workload.
+pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundResult {
+    let refs = D::new(delayed_refs::FsConfig::default());
+    let tree = MemExtentTree::new();
+    let rsv_start = rsv_size(&refs);
+    let per_thread = (p.heads / p.threads).max(1);
+    let mut adders: Vec<SlotAdder> =
+        (0..p.threads).map(|t| SlotAdder::new(t, per_thread, seed, false, Pattern::Cycle)).collect();
+    let mut adder_stats: Vec<ThreadStats> = (0..p.threads).map(|_| ThreadStats::default()).collect();
+    let mut runner_stats: Vec<ThreadStats> = (0..p.runners.max(1)).map(|_| ThreadStats::default()).collect();
+    let start = Instant::now();
+    let mut secs = 0.0;
+    loop {
+        prefill(&refs, &mut adders, &mut adder_stats);
+        secs += drain(&refs, &tree, &mut runner_stats);
+        let e = start.elapsed();
+        bar.set_position(e.as_millis() as u64);
+        if e >= p.round {
+            break;
+        }
+    }
+    let mut v = Violations::default();
+    let (hist, _) = merge_threads(&adder_stats, &mut v);
+    let (_, per_runner) = merge_threads(&runner_stats, &mut v);
+    let drained: u64 = per_runner.iter().sum();
+    let mut oracle = Oracle::new();
+    for a in &adders {
+        a.expect(&mut oracle);
+    }
+    let final_refs = finish_round(&refs, &tree, &oracle, rsv_start, &mut v);
+    RoundResult { ops: drained, secs, hist, per_thread_ops: per_runner, refs_run: drained + final_refs, violations: v }
+}

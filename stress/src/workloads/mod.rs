@@ -1,0 +1,132 @@
+//! The workloads (brief §5), each generic over the implementation: one round
+//! builds a fresh root and extent tree, runs the workload, drains, and checks.
+
+mod drain;
+mod harness;
+mod ops;
+mod runner;
+mod shared;
+mod slots;
+
+use std::time::Duration;
+
+use delayed_refs::{DelayedRefs, FsConfig, MemExtentTree, TransHandle};
+use indicatif::ProgressBar;
+
+use crate::check::{Violations, finish_round, rsv_size};
+use crate::cli::WorkloadKind;
+use crate::oracle::Oracle;
+use crate::stats::{RoundResult, merge_threads, new_histogram};
+use slots::{Pattern, SlotAdder};
+
+/// Live refs each `hot` adder keeps.
+const HOT_WINDOW: usize = 16;
+
+/// Resolved parameters of a stress run.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Which workload.
+    pub workload: WorkloadKind,
+    /// Adder threads.
+    pub threads: usize,
+    /// Runner threads.
+    pub runners: usize,
+    /// Heads (extents).
+    pub heads: usize,
+    /// Live keys of `wide`.
+    pub keys: usize,
+    /// Length of one round.
+    pub round: Duration,
+}
+
+/// An adder thread's op generator and its model of what it queued.
+pub trait Adder: Send {
+    /// Queue exactly one operation; the model changes only if it succeeded.
+    fn step<D: DelayedRefs>(&mut self, refs: &D, trans: &mut TransHandle) -> Result<(), String>;
+
+    /// Add the refs this adder expects to survive to the oracle.
+    fn expect(&self, oracle: &mut Oracle);
+}
+
+/// Run one round of `p.workload` on a fresh `D`.
+pub fn run_round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundResult {
+    let per_thread = (p.heads / p.threads).max(1);
+    let slot_adders = |reuse: bool, pattern: Pattern| -> Vec<SlotAdder> {
+        (0..p.threads).map(|t| SlotAdder::new(t, per_thread, seed, reuse, pattern)).collect()
+    };
+    match p.workload {
+        WorkloadKind::Drain => drain::round::<D>(p, seed, bar),
+        WorkloadKind::Spread => fresh_round::<D, _>(p, slot_adders(p.runners == 0, Pattern::Cycle), bar),
+        WorkloadKind::AddOnly => fresh_round::<D, _>(p, slot_adders(true, Pattern::Cycle), bar),
+        WorkloadKind::Mixed => fresh_round::<D, _>(p, slot_adders(p.runners == 0, Pattern::Mixed), bar),
+        WorkloadKind::Hot | WorkloadKind::Wide => {
+            let window = if p.workload == WorkloadKind::Hot { HOT_WINDOW } else { (p.keys / p.threads).max(1) };
+            shared_round::<D>(p, seed, window, bar)
+        }
+    }
+}
+
+/// `hot` and `wide`: allocate the shared extents, then run the adders on them.
+fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &ProgressBar) -> RoundResult {
+    let refs = D::new(FsConfig::default());
+    let tree = MemExtentTree::new();
+    let rsv_start = rsv_size(&refs);
+    match shared::setup(&refs, &tree, p.heads) {
+        Ok((heads, base)) => {
+            let adders = (0..p.threads).map(|t| shared::SharedAdder::new(t, &heads, window, seed)).collect();
+            run_adders(p, base, adders, &refs, &tree, rsv_start, bar)
+        }
+        Err(e) => {
+            let mut violations = Violations::default();
+            violations.op_errors(1, &[e]);
+            RoundResult {
+                ops: 0,
+                secs: 0.0,
+                hist: new_histogram(),
+                per_thread_ops: Vec::new(),
+                refs_run: 0,
+                violations,
+            }
+        }
+    }
+}
+
+/// Run `adders` on a fresh root and tree.
+fn fresh_round<D: DelayedRefs, A: Adder>(p: &Params, adders: Vec<A>, bar: &ProgressBar) -> RoundResult {
+    let refs = D::new(FsConfig::default());
+    let tree = MemExtentTree::new();
+    let rsv_start = rsv_size(&refs);
+    run_adders(p, Oracle::new(), adders, &refs, &tree, rsv_start, bar)
+}
+
+/// The timed phase with `p.runners` runners, then the end-of-round checks
+/// against `base` plus what the adders queued; `rsv_start` is the reserve
+/// size before anything was queued.
+fn run_adders<D: DelayedRefs, A: Adder>(
+    p: &Params,
+    base: Oracle,
+    adders: Vec<A>,
+    refs: &D,
+    tree: &MemExtentTree,
+    rsv_start: u64,
+    bar: &ProgressBar,
+) -> RoundResult {
+    let out = harness::timed_phase(refs, tree, adders, p.runners, p.round, bar);
+    let mut v = Violations::default();
+    let (hist, per_thread_ops) = merge_threads(&out.adder_stats, &mut v);
+    let (_, per_runner) = merge_threads(&out.runner_stats, &mut v);
+    let mut oracle = base;
+    for a in &out.adders {
+        a.expect(&mut oracle);
+    }
+    bar.set_message("checking");
+    let final_refs = finish_round(refs, tree, &oracle, rsv_start, &mut v);
+    RoundResult {
+        ops: per_thread_ops.iter().sum(),
+        secs: out.secs,
+        hist,
+        per_thread_ops,
+        refs_run: per_runner.iter().sum::<u64>() + final_refs,
+        violations: v,
+    }
+}
