@@ -161,6 +161,7 @@ impl HeadInner {
     }
 
     /// Σ signed counts of queued nodes.
+    #[allow(dead_code)]
     pub fn signed_sum(&self) -> i64 {
         self.refs.values().map(Node::signed).sum()
     }

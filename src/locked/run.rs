@@ -119,8 +119,6 @@ fn run_head<B: ExtentTree + ?Sized>(
                     refs.fs.reserves.delayed_refs_rsv_release(dropped, 0);
                 }
             }
-            // Invariant 10: the head lock covers both halves of an add here.
-            debug_assert_eq!(hi.ref_mod, hi.signed_sum(), "invariant 10");
             let Some((key, node)) = hi.select_ref() else { break };
             if refs.fs.seq.holds_back(key.seq) {
                 drop(hi);

@@ -253,7 +253,10 @@ fn run_head<B: ExtentTree + ?Sized>(
             continue;
         }
         // §3.16.7 step 1: a leftover extent op.
-        if head.extent_op.load().is_some() {
+        // An op on a head with must_insert_reserved is discarded only once the
+        // head is retired (below): an adder may still be publishing the ref
+        // that will insert the item with this op (§3.16.6).
+        if head.extent_op.load().is_some() && !head.must_insert_reserved.load(Ordering::Acquire) {
             let op = head.extent_op.swap(None);
             if let Some(op) = op {
                 if !head.must_insert_reserved.load(Ordering::Acquire) {
@@ -274,10 +277,14 @@ fn run_head<B: ExtentTree + ?Sized>(
             crate::sync::spin_hint();
             continue;
         }
-        if head.has_refs(guard) || head.extent_op.load().is_some() {
+        if head.has_refs(guard)
+            || (head.extent_op.load().is_some() && !head.must_insert_reserved.load(Ordering::Acquire))
+        {
             continue;
         }
         let Some((mir, released)) = refs.retire(entry, w0) else { continue 'outer };
+        // Closed: no adder can come back; a cancelled allocation's op goes.
+        head.extent_op.swap(None);
         if mir {
             // Step 4: the allocation was cancelled in this transaction.
             backend.pin_reserved(head.bytenr, head.num_bytes.load(Ordering::Acquire), head.is_data);
