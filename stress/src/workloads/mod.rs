@@ -7,6 +7,8 @@ mod ops;
 mod runner;
 mod shared;
 mod slots;
+#[cfg(test)]
+mod tests;
 
 use std::time::Duration;
 
@@ -57,7 +59,11 @@ pub fn run_round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> Ro
     match p.workload {
         WorkloadKind::Drain => drain::round::<D>(p, seed, bar),
         WorkloadKind::Spread => fresh_round::<D, _>(p, slot_adders(p.runners == 0, Pattern::Cycle), bar),
-        WorkloadKind::AddOnly => fresh_round::<D, _>(p, slot_adders(true, Pattern::Cycle), bar),
+        WorkloadKind::AddOnly => {
+            // Re-allocating freed bytenrs is only valid with no runner at work.
+            let no_runner = Params { runners: 0, ..p.clone() };
+            fresh_round::<D, _>(&no_runner, slot_adders(true, Pattern::Cycle), bar)
+        }
         WorkloadKind::Mixed => fresh_round::<D, _>(p, slot_adders(p.runners == 0, Pattern::Mixed), bar),
         WorkloadKind::Hot | WorkloadKind::Wide => {
             let window = if p.workload == WorkloadKind::Hot { HOT_WINDOW } else { (p.keys / p.threads).max(1) };
