@@ -69,6 +69,13 @@ impl SeqTracker {
     /// Register a blocker (`btrfs_get_tree_mod_seq`): its seq is `++tree_mod_seq`.
     pub fn register(&self) -> SeqBlocker<'_> {
         let mut b = self.blockers.lock().unwrap_or_else(|e| e.into_inner());
+        // Publish a conservative lowest seq *before* the seq moves: a node
+        // that reads the new seq must never meet a runner that still reads
+        // "no blocker". `next` is at most the blocker's own seq (a concurrent
+        // `bump` can only raise it), so this holds back at least as much.
+        let next = self.seq.load(Ordering::SeqCst) + 1;
+        let cur = self.lowest.load(Ordering::SeqCst);
+        self.lowest.store(if cur == 0 { next } else { cur.min(next) }, Ordering::SeqCst);
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         *b.entry(seq).or_insert(0) += 1;
         let low = *b.keys().next().expect("just inserted");

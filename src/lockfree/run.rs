@@ -257,18 +257,30 @@ fn run_head<B: ExtentTree + ?Sized>(
         // head is retired (below): an adder may still be publishing the ref
         // that will insert the item with this op (§3.16.6).
         if head.extent_op.load().is_some() && !head.must_insert_reserved.load(Ordering::Acquire) {
+            // Relaxed: made visible by the swap's RMW below (readers' Acquire).
+            head.run_seq.fetch_add(1, Ordering::Relaxed);
             let op = head.extent_op.swap(None);
-            if let Some(op) = op {
-                if !head.must_insert_reserved.load(Ordering::Acquire) {
-                    let nb = head.num_bytes.load(Ordering::Acquire);
-                    if let Err(e) = backend.apply_extent_op(head.bytenr, nb, head.is_data, &op) {
-                        head.restore_op(*op);
-                        refs.unselect(head);
-                        return Err(Error::Backend { bytenr: head.bytenr, source: e });
-                    }
-                    stats.extent_ops += 1;
+            if op.is_none() || head.must_insert_reserved.load(Ordering::Acquire) {
+                if let Some(op) = op {
+                    head.restore_op(*op);
                 }
+                head.run_seq.fetch_add(1, Ordering::Release);
+                continue;
             }
+            let Some(op) = op else { continue };
+            let nb = head.num_bytes.load(Ordering::Acquire);
+            // The op left the head but is not yet on disk: readers retry
+            // (same seqlock as a taken ref, §3.17).
+            let res = backend.apply_extent_op(head.bytenr, nb, head.is_data, &op);
+            if let Err(e) = res {
+                head.restore_op(*op);
+                head.run_seq.fetch_add(1, Ordering::Release);
+                refs.unselect(head);
+                return Err(Error::Backend { bytenr: head.bytenr, source: e });
+            }
+            // Release: the even value publishes the applied op.
+            head.run_seq.fetch_add(1, Ordering::Release);
+            stats.extent_ops += 1;
             continue;
         }
         // Step 2: close from the word read before the emptiness re-check.
