@@ -5,7 +5,7 @@
 use crate::domain::extent_op::ExtentOp;
 use crate::domain::generic_ref::{GenericRef, RefPayload};
 use crate::domain::key::NodeKey;
-use crate::domain::kind::Action;
+use crate::domain::kind::{Action, roots};
 use crate::domain::qgroup::QgroupRecord;
 use crate::domain::seq::SeqTracker;
 use crate::error::{Error, Result};
@@ -295,4 +295,95 @@ pub(crate) fn validate_extent_op(bytenr: u64, num_bytes: u64) -> Result<()> {
         return Err(Error::ZeroLength { bytenr });
     }
     Ok(())
+}
+
+/// The head-side inputs of one add call (spec §3.4 init / §3.6 merge), the
+/// same for both implementations.
+pub(crate) struct HeadUpdate {
+    pub bytenr: u64,
+    pub num_bytes: u64,
+    pub is_data: bool,
+    pub is_system: bool,
+    pub reserved: u64,
+    pub owning_root: u64,
+    pub count_mod: i64,
+    pub must_insert_reserved: bool,
+    pub extent_op: Option<ExtentOp>,
+}
+
+impl HeadUpdate {
+    /// The update a tree or data ref makes (spec §3.1, §3.2).
+    pub fn for_ref(gref: &GenericRef, reserved: u64, extent_op: Option<ExtentOp>) -> Self {
+        let is_data = gref.is_data();
+        HeadUpdate {
+            bytenr: gref.bytenr,
+            num_bytes: gref.num_bytes,
+            is_data,
+            is_system: !is_data && gref.ref_root() == roots::CHUNK_TREE,
+            reserved,
+            owning_root: gref.owning_root,
+            count_mod: gref.action.count_mod(),
+            must_insert_reserved: gref.action == Action::AddExtent,
+            extent_op,
+        }
+    }
+
+    /// The update `add_extent_op` makes (spec §3.8: UPDATE_DELAYED_HEAD).
+    pub fn for_extent_op(bytenr: u64, num_bytes: u64, op: ExtentOp) -> Self {
+        HeadUpdate {
+            bytenr,
+            num_bytes,
+            is_data: false,
+            is_system: false,
+            reserved: 0,
+            owning_root: 0,
+            count_mod: 0,
+            must_insert_reserved: false,
+            extent_op: Some(op),
+        }
+    }
+}
+
+/// The qgroup record an add inserts, if full accounting is on (spec §3.21).
+pub(crate) fn qgroup_record(qgroups: bool, gref: &GenericRef, reserved: u64) -> Option<QgroupRecord> {
+    (qgroups && !gref.skip_qgroup).then(|| QgroupRecord::new(gref.bytenr, gref.num_bytes, gref.ref_root(), reserved))
+}
+
+/// The mode loop of `btrfs_run_delayed_refs` (spec §3.16.1) over an
+/// implementation's `run_one`; `ready` is the racy ready count (§5.8) and
+/// `is_empty` tells `All` when the index is empty.
+pub(crate) fn drive_run(
+    mode: RunMode,
+    ready: u64,
+    mut run_one: impl FnMut() -> Result<Option<RunStats>>,
+    is_empty: impl Fn() -> bool,
+) -> Result<RunStats> {
+    let mut stats = RunStats::default();
+    match mode {
+        RunMode::Ready => {
+            for _ in 0..ready {
+                match run_one()? {
+                    Some(s) => stats.absorb(&s),
+                    None => break,
+                }
+            }
+        }
+        RunMode::Bytes(n) => {
+            while stats.bytes_released < n {
+                match run_one()? {
+                    Some(s) => stats.absorb(&s),
+                    None => break,
+                }
+            }
+        }
+        RunMode::All => loop {
+            match run_one()? {
+                Some(s) => stats.absorb(&s),
+                // Other runners hold what is left (or a seq blocker does, §5.15): wait.
+                None if !is_empty() => crate::sync::yield_now(),
+                None => break,
+            }
+        },
+    }
+    Ok(stats)
 }

@@ -2,8 +2,9 @@
 //! use comes from here, so `--cfg dref_loom` swaps them for loom's.
 //!
 //! Dependencies (crossbeam-epoch, crossbeam-skiplist, arc-swap) are not
-//! modelled by loom; the head index sits behind an internal trait with a
-//! loom-visible mock instead (see `lockfree::index`).
+//! modelled by loom: the models (`loom_models`) drive the protocol modules
+//! (`lockfree::state`, `lockfree::count`, `rsv`) directly. A loom-visible mock
+//! of the head index does not exist yet.
 
 #![allow(unused_imports)]
 

@@ -159,12 +159,6 @@ impl HeadInner {
         }
         dropped
     }
-
-    /// Σ signed counts of queued nodes.
-    #[allow(dead_code)]
-    pub fn signed_sum(&self) -> i64 {
-        self.refs.values().map(Node::signed).sum()
-    }
 }
 
 /// A head (spec §1.5). `processing` and `linked` are only written under the

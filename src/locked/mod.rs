@@ -29,11 +29,11 @@ use parking_lot::Mutex;
 use self::head::{Head, HeadInner, InsertEffect};
 use crate::api::{
     self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
-    RunMode, RunStats,
+    HeadUpdate, RunMode, RunStats,
 };
 use crate::domain::extent_op::ExtentOp;
 use crate::domain::generic_ref::GenericRef;
-use crate::domain::kind::{Action, roots};
+use crate::domain::kind::Action;
 use crate::domain::qgroup::QgroupRecord;
 use crate::error::{Error, Result};
 use crate::extent_tree::{ExtentInfo, ExtentTree};
@@ -57,19 +57,6 @@ pub struct LockedRefs {
     fs: Arc<FsShared<LockedCell>>,
     root: Mutex<Root>,
     num_entries: AtomicI64,
-}
-
-/// The head-side part of one add call (spec §3.4 / §3.6 inputs).
-struct HeadUpdate {
-    bytenr: u64,
-    num_bytes: u64,
-    is_data: bool,
-    is_system: bool,
-    reserved: u64,
-    owning_root: u64,
-    count_mod: i64,
-    must_insert_reserved: bool,
-    extent_op: Option<ExtentOp>,
 }
 
 impl LockedRefs {
@@ -188,21 +175,9 @@ impl LockedRefs {
         reserved: u64,
         op: Option<ExtentOp>,
     ) -> Result<AddOutcome> {
-        let is_data = gref.is_data();
         let key = gref.node_key(self.fs.seq.current());
-        let rec = (self.fs.qgroups && !gref.skip_qgroup)
-            .then(|| QgroupRecord::new(gref.bytenr, gref.num_bytes, gref.ref_root(), reserved));
-        let upd = HeadUpdate {
-            bytenr: gref.bytenr,
-            num_bytes: gref.num_bytes,
-            is_data,
-            is_system: !is_data && gref.ref_root() == roots::CHUNK_TREE,
-            reserved,
-            owning_root: gref.owning_root,
-            count_mod: gref.action.count_mod(),
-            must_insert_reserved: gref.action == Action::AddExtent,
-            extent_op: op,
-        };
+        let rec = api::qgroup_record(self.fs.qgroups, gref, reserved);
+        let upd = HeadUpdate::for_ref(gref, reserved, op);
         let out = self.add_locked(trans, upd, Some((key, gref.action.node_action(), gref.level())), rec)?;
         self.fs.reserves.update_delayed_refs_rsv(trans);
         crate::trace_ref!("add_delayed_ref", gref.bytenr, gref.num_bytes, gref.action, key, 1u64);
@@ -241,17 +216,7 @@ impl DelayedRefs for LockedRefs {
 
     fn add_extent_op(&self, trans: &mut TransHandle, bytenr: u64, num_bytes: u64, op: ExtentOp) -> Result<()> {
         api::validate_extent_op(bytenr, num_bytes)?;
-        let upd = HeadUpdate {
-            bytenr,
-            num_bytes,
-            is_data: false,
-            is_system: false,
-            reserved: 0,
-            owning_root: 0,
-            count_mod: 0,
-            must_insert_reserved: false,
-            extent_op: Some(op),
-        };
+        let upd = HeadUpdate::for_extent_op(bytenr, num_bytes, op);
         self.add_locked(trans, upd, None, None)?;
         self.fs.reserves.update_delayed_refs_rsv(trans);
         Ok(())

@@ -88,14 +88,7 @@ fn restore(refs: &LockedRefs, h: &Head, key: crate::NodeKey, node: super::head::
         hi.must_insert_reserved = true;
     }
     if let Some(op) = op {
-        hi.extent_op = Some(match hi.extent_op {
-            None => op,
-            Some(newer) => {
-                let mut m = op;
-                m.merge(&newer);
-                m
-            }
-        });
+        restore_op_locked(&mut hi, op);
     }
 }
 
@@ -214,51 +207,24 @@ fn run_head<B: ExtentTree + ?Sized>(
 }
 
 fn restore_op(h: &Head, op: ExtentOp) {
-    let mut hi = h.inner.lock();
-    hi.extent_op = Some(match hi.extent_op {
+    restore_op_locked(&mut h.inner.lock(), op);
+}
+
+/// Put back an op a failed run took; an op queued meanwhile merges over it.
+fn restore_op_locked(hi: &mut super::head::HeadInner, op: ExtentOp) {
+    hi.extent_op = Some(match hi.extent_op.as_ref() {
         None => op,
-        Some(newer) => {
-            let mut m = op;
-            m.merge(&newer);
-            m
-        }
+        Some(newer) => ExtentOp::merged(Some(&op), newer),
     });
 }
 
 /// `btrfs_run_delayed_refs` (spec §3.16.1).
 pub(super) fn run<B: ExtentTree + ?Sized>(refs: &LockedRefs, backend: &B, mode: RunMode) -> Result<RunStats> {
-    let mut stats = RunStats::default();
-    match mode {
-        RunMode::Ready => {
-            // A racy count, not a set of identities (§5.8).
-            let max = refs.root.lock().num_heads_ready;
-            for _ in 0..max {
-                match run_one(refs, backend)? {
-                    Some((_, _, s)) => stats.absorb(&s),
-                    None => break,
-                }
-            }
-        }
-        RunMode::Bytes(n) => {
-            while stats.bytes_released < n {
-                match run_one(refs, backend)? {
-                    Some((_, _, s)) => stats.absorb(&s),
-                    None => break,
-                }
-            }
-        }
-        RunMode::All => loop {
-            match run_one(refs, backend)? {
-                Some((_, _, s)) => stats.absorb(&s),
-                None => {
-                    if refs.root.lock().heads.is_empty() {
-                        break;
-                    }
-                    // Other runners hold what is left: wait for them.
-                    std::thread::yield_now();
-                }
-            }
-        },
-    }
-    Ok(stats)
+    let ready = if mode == RunMode::Ready { refs.root.lock().num_heads_ready } else { 0 };
+    crate::api::drive_run(
+        mode,
+        ready,
+        || Ok(run_one(refs, backend)?.map(|(_, _, s)| s)),
+        || refs.root.lock().heads.is_empty(),
+    )
 }

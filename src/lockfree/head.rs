@@ -130,11 +130,10 @@ impl Head {
     /// Put an op taken by a failed run back, merging a newer one over it.
     pub(crate) fn restore_op(&self, op: ExtentOp) {
         self.extent_op.rcu(|cur| {
-            let mut m = op;
-            if let Some(newer) = cur.as_deref() {
-                m.merge(newer);
-            }
-            Some(std::sync::Arc::new(m))
+            Some(std::sync::Arc::new(match cur.as_deref() {
+                None => op,
+                Some(newer) => ExtentOp::merged(Some(&op), newer),
+            }))
         });
     }
 

@@ -13,15 +13,14 @@ use super::count::Transition;
 use super::counters::RootCounters;
 use super::epoch::Epoch;
 use super::head::Head;
-use super::state::PROCESSING;
 use crate::api::{
     self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
-    RunMode, RunStats,
+    HeadUpdate, RunMode, RunStats,
 };
 use crate::domain::extent_op::ExtentOp;
 use crate::domain::generic_ref::GenericRef;
 use crate::domain::key::NodeKey;
-use crate::domain::kind::{Action, roots};
+use crate::domain::kind::Action;
 use crate::domain::qgroup::QgroupRecord;
 use crate::error::{Error, Result};
 use crate::extent_tree::{ExtentInfo, ExtentTree};
@@ -70,19 +69,6 @@ impl Drop for LockFreeRefs {
         self.epoch.flush_all();
         self.epoch.forget_local();
     }
-}
-
-/// The head-side part of one add call.
-struct HeadUpdate {
-    bytenr: u64,
-    num_bytes: u64,
-    is_data: bool,
-    is_system: bool,
-    reserved: u64,
-    owning_root: u64,
-    count_mod: i64,
-    must_insert_reserved: bool,
-    extent_op: Option<ExtentOp>,
 }
 
 impl LockFreeRefs {
@@ -161,10 +147,15 @@ impl LockFreeRefs {
                 }
             }
         }
-        // §3.6 step 2: fill in a missing owning root.
+        // Head fields below are independent words that guard no other memory;
+        // the runner reads them after claiming, and the state word's
+        // Acquire/Release (enter/exit vs close) orders them for it.
+        // §3.6 step 2: fill in a missing owning root. AcqRel: pairs with the
+        // Acquire loads in the runner and in `snapshot`.
         let _ = head.owning_root.compare_exchange(0, upd.owning_root, Ordering::AcqRel, Ordering::Acquire);
         if upd.must_insert_reserved {
-            // §3.6 step 3 (re-allocation: size overwritten, §5.11a).
+            // §3.6 step 3 (re-allocation: size overwritten, §5.11a). Release:
+            // pairs with the runner's Acquire loads when it takes the flag.
             head.owning_root.store(upd.owning_root, Ordering::Release);
             head.num_bytes.store(upd.num_bytes, Ordering::Release);
             head.must_insert_reserved.store(true, Ordering::Release);
@@ -173,6 +164,9 @@ impl LockFreeRefs {
             head.merge_op(op);
         }
         if upd.count_mod != 0 {
+            // AcqRel: pairs with the runner's RMWs on ref_mod and readers'
+            // Acquire loads (seqlock, docs/protocols.md); total_ref_mod's old
+            // value decides the pending_csums crossing for exactly one thread.
             head.ref_mod.fetch_add(upd.count_mod, Ordering::AcqRel);
             let old = head.total_ref_mod.fetch_add(upd.count_mod, Ordering::AcqRel);
             let total = old + upd.count_mod;
@@ -218,21 +212,9 @@ impl LockFreeRefs {
         reserved: u64,
         op: Option<ExtentOp>,
     ) -> Result<AddOutcome> {
-        let is_data = gref.is_data();
         let key = gref.node_key(self.fs.seq.current());
-        let rec = (self.fs.qgroups && !gref.skip_qgroup)
-            .then(|| QgroupRecord::new(gref.bytenr, gref.num_bytes, gref.ref_root(), reserved));
-        let upd = HeadUpdate {
-            bytenr: gref.bytenr,
-            num_bytes: gref.num_bytes,
-            is_data,
-            is_system: !is_data && gref.ref_root() == roots::CHUNK_TREE,
-            reserved,
-            owning_root: gref.owning_root,
-            count_mod: gref.action.count_mod(),
-            must_insert_reserved: gref.action == Action::AddExtent,
-            extent_op: op,
-        };
+        let rec = api::qgroup_record(self.fs.qgroups, gref, reserved);
+        let upd = HeadUpdate::for_ref(gref, reserved, op);
         let out = self.add_inner(trans, upd, Some((key, gref.action.node_action(), gref.level())), rec)?;
         crate::trace_ref!("add_delayed_ref", gref.bytenr, gref.num_bytes, gref.action, key, 1u64);
         Ok(out)
@@ -301,17 +283,7 @@ impl DelayedRefs for LockFreeRefs {
 
     fn add_extent_op(&self, trans: &mut TransHandle, bytenr: u64, num_bytes: u64, op: ExtentOp) -> Result<()> {
         api::validate_extent_op(bytenr, num_bytes)?;
-        let upd = HeadUpdate {
-            bytenr,
-            num_bytes,
-            is_data: false,
-            is_system: false,
-            reserved: 0,
-            owning_root: 0,
-            count_mod: 0,
-            must_insert_reserved: false,
-            extent_op: Some(op),
-        };
+        let upd = HeadUpdate::for_extent_op(bytenr, num_bytes, op);
         self.add_inner(trans, upd, None, None)?;
         self.fs.reserves.update_delayed_refs_rsv(trans);
         Ok(())
@@ -470,6 +442,3 @@ impl DelayedRefs for LockFreeRefs {
         self.qgroup.lock().values().copied().collect()
     }
 }
-
-#[allow(dead_code)]
-const _: u64 = PROCESSING;

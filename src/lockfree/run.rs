@@ -178,7 +178,8 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
     }
     for g in groups.into_iter().filter(|g| g.len() >= 2) {
         let signed: Vec<i64> = g.iter().map(|(_, n)| n.count.load(Ordering::Acquire)).collect();
-        let Some((s, _)) = merge_run(&signed).or(Some((0, 0))) else { continue };
+        // Everything cancelling (None) folds into the first node, which then drops.
+        let s = merge_run(&signed).map_or(0, |(s, _)| s);
         let mut moved = 0i64;
         for (i, (_, n)) in g.iter().enumerate() {
             if i == s {
@@ -322,36 +323,6 @@ pub(super) fn run_one<B: ExtentTree + ?Sized>(
 
 /// `btrfs_run_delayed_refs` (spec §3.16.1).
 pub(super) fn run<B: ExtentTree + ?Sized>(refs: &LockFreeRefs, backend: &B, mode: RunMode) -> Result<RunStats> {
-    let mut stats = RunStats::default();
-    match mode {
-        RunMode::Ready => {
-            let max = refs.counters.num_heads_ready.sum().max(0);
-            for _ in 0..max {
-                match run_one(refs, backend)? {
-                    Some((_, _, s)) => stats.absorb(&s),
-                    None => break,
-                }
-            }
-        }
-        RunMode::Bytes(n) => {
-            while stats.bytes_released < n {
-                match run_one(refs, backend)? {
-                    Some((_, _, s)) => stats.absorb(&s),
-                    None => break,
-                }
-            }
-        }
-        RunMode::All => loop {
-            match run_one(refs, backend)? {
-                Some((_, _, s)) => stats.absorb(&s),
-                None => {
-                    if refs.heads.is_empty() {
-                        break;
-                    }
-                    crate::sync::yield_now();
-                }
-            }
-        },
-    }
-    Ok(stats)
+    let ready = if mode == RunMode::Ready { refs.counters.num_heads_ready.sum().max(0) as u64 } else { 0 };
+    crate::api::drive_run(mode, ready, || Ok(run_one(refs, backend)?.map(|(_, _, s)| s)), || refs.heads.is_empty())
 }

@@ -8,7 +8,7 @@
 //! |---|---|---|---|
 //! | 0 | `CLOSED` | the runner (or cleanup/destroy) that retires the head, by CAS | never |
 //! | 1 | `PROCESSING` | a runner claiming the head, by CAS | the same runner (unselect) |
-//! | 2 | `BORN` | the first adder to enter (`fetch_or`) | never |
+//! | 2 | `BORN` | the first adder to enter (in `enter`'s CAS) | never |
 //! | 3..=18 | adders in flight | `enter` (CAS, refused when closed) | `exit` (`fetch_add`) |
 //! | 19..=63 | version | `exit` bumps it | wraps |
 //!

@@ -214,24 +214,21 @@ impl<C: PairCell> FsReserves<C> {
     }
 
     /// Send released excess of a reserve of type `ty` (not the global one)
-    /// where the routing rule says (spec §3.20.2 step 2, §5.4).
-    fn route_excess(&self, ty: RsvType, is_delayed_refs_rsv: bool, excess: u64) {
+    /// where the routing rule says (spec §3.20.2 step 2, §5.4); what the
+    /// target cannot take goes back to space info.
+    fn route_excess(&self, ty: RsvType, excess: u64) {
         if excess == 0 {
             return;
         }
         let target = match (self.config.routing, ty) {
-            (ReleaseRouting::V6_8, RsvType::DelayedOps) => Some(&self.global),
+            (ReleaseRouting::V6_8, RsvType::DelayedOps) => &self.global,
             // The delayed refs reserve is its own target and is full after
             // its clamp: `top_up` gives it nothing, so all goes to space info.
-            (ReleaseRouting::V6_8, _) => Some(&self.delayed_refs),
-            (ReleaseRouting::Fixed, RsvType::DelayedRefs) => Some(&self.global),
-            (ReleaseRouting::Fixed, _) => Some(&self.delayed_refs),
+            (ReleaseRouting::V6_8, _) => &self.delayed_refs,
+            (ReleaseRouting::Fixed, RsvType::DelayedRefs) => &self.global,
+            (ReleaseRouting::Fixed, _) => &self.delayed_refs,
         };
-        let _ = is_delayed_refs_rsv;
-        let rest = match target {
-            Some(t) => t.apply(|s| s.top_up(excess)),
-            None => excess,
-        };
+        let rest = target.apply(|s| s.top_up(excess));
         // Bytes leaving every reserve go back to bytes_may_use's owner; they
         // were counted there, so this cannot underflow.
         let _ = self.space.free(rest);
@@ -241,7 +238,7 @@ impl<C: PairCell> FsReserves<C> {
     /// route the excess; returns the excess (spec §3.20.2).
     pub fn release_delayed_refs_bytes(&self, n: u64) -> u64 {
         let excess = self.delayed_refs.apply(|s| s.release(n));
-        self.route_excess(RsvType::DelayedRefs, true, excess);
+        self.route_excess(RsvType::DelayedRefs, excess);
         excess
     }
 
@@ -351,7 +348,7 @@ impl<C: PairCell> FsReserves<C> {
         self.space.free(h.trans_bytes)?;
         h.trans_bytes = 0;
         let (_local, excess) = h.local.release(h.delayed_refs_bytes_reserved);
-        self.route_excess(self.local_rsv_type(), false, excess);
+        self.route_excess(self.local_rsv_type(), excess);
         Ok(())
     }
 
