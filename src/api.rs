@@ -256,6 +256,60 @@ pub trait DelayedRefs: Send + Sync + Sized {
 
     /// The qgroup extent records, by bytenr.
     fn qgroup_records(&self) -> Vec<QgroupRecord>;
+
+    /// Free memory that runs and cleanups retired, once no reader can still
+    /// hold it. Call at a quiescent point (no thread inside an operation) to
+    /// bring the structure back to its baseline allocation; while other
+    /// threads are inside an operation it frees what it can and returns.
+    ///
+    /// Memory that *another live thread* retired sits in that thread's private
+    /// batch until the thread calls [`release_thread`](Self::release_thread),
+    /// retires more, or exits (docs/architecture.md, "Reclamation"). The
+    /// locked port frees eagerly: there this is a no-op.
+    fn reclaim(&self) {}
+
+    /// Detach the calling thread from this root: hand the memory it retired
+    /// to the shared queue and drop its cached registration, so a long-lived
+    /// thread (a pool worker) keeps nothing of a root it no longer uses.
+    /// Harmless to call at any time; the next operation re-attaches.
+    fn release_thread(&self) {}
+
+    /// The commit drain (spec §3.16.1 with `U64_MAX`, invariant 26): every
+    /// thread of `pool` runs delayed refs until the index is empty, refs added
+    /// meanwhile included, then detaches ([`release_thread`](Self::release_thread)).
+    /// Returns the summed run figures, or the first error a runner hit.
+    ///
+    /// Like [`RunMode::All`] it waits while a seq blocker holds refs back
+    /// (§5.15): unregister blockers before draining.
+    ///
+    /// ```
+    /// use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockFreeRefs, MemExtentTree, TransHandle};
+    /// let refs = LockFreeRefs::new(FsConfig::default());
+    /// let tree = MemExtentTree::new();
+    /// let mut h = TransHandle::new();
+    /// for i in 0..64u64 {
+    ///     let r = GenericRef::new(Action::AddExtent, (1 + i) << 20, 4096, 0, 5).data(5, 257, i, 0, false);
+    ///     refs.add_data_ref(&mut h, &r, 4096).unwrap();
+    /// }
+    /// let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    /// let stats = refs.commit_drain(&tree, &pool).unwrap();
+    /// assert_eq!(stats.refs, 64);
+    /// assert_eq!(refs.counters(), Default::default());
+    /// assert_eq!(tree.len(), 64);
+    /// ```
+    fn commit_drain<B: ExtentTree + Sync + ?Sized>(&self, backend: &B, pool: &rayon::ThreadPool) -> Result<RunStats> {
+        let per_runner = pool.broadcast(|_| {
+            let r = self.run(backend, RunMode::All);
+            self.release_thread();
+            r
+        });
+        let mut stats = RunStats::default();
+        for r in per_runner {
+            stats.absorb(&r?);
+        }
+        self.reclaim();
+        Ok(stats)
+    }
 }
 
 /// Validate a tree-ref add (spec §3.1 pre, error contract).

@@ -5,8 +5,10 @@
 //!
 //! crossbeam-skiplist and crossbeam-epoch cannot run under loom (VERIFY), so
 //! the models drive the protocol code itself — the head state word
-//! (`lockfree::state`), the node-count RMWs (`lockfree::count`) and the
-//! reserve CAS cells (`rsv`) — which the real implementation calls unchanged.
+//! (`lockfree::state`), the node-count RMWs (`lockfree::count`), the
+//! index-level lifecycle steps (`lockfree::index::{enter, retire}`, over the
+//! loom-visible `MockIndex`) and the reserve CAS cells (`rsv`) — which the
+//! real implementation calls unchanged.
 
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -14,7 +16,9 @@ use loom::thread;
 
 use crate::domain::geometry::Geometry;
 use crate::lockfree::count::{self, Transition};
-use crate::lockfree::state::{self, HeadState};
+use crate::lockfree::index::mock::MockIndex;
+use crate::lockfree::index::{self, HeadIndex, Indexed};
+use crate::lockfree::state::{self, CLOSED, HeadState};
 use crate::rsv::cell::AtomicCell;
 use crate::rsv::handle::TransHandle;
 use crate::rsv::reserves::{FsReserves, ReleaseRouting, ReserveConfig};
@@ -75,6 +79,86 @@ fn loom_add_vs_close() {
         }
         assert_eq!(taken + left, if landed { 1 } else { 0 }, "a ref was lost or doubled");
         assert_eq!(entries.load(Ordering::SeqCst), (left != 0) as i64, "num_entries drifted");
+    });
+}
+
+/// A head in the mock index: the real state word and one node count.
+#[derive(Debug)]
+struct MHead {
+    state: HeadState,
+    node: AtomicI64,
+}
+
+impl Indexed for MHead {
+    fn state(&self) -> &HeadState {
+        &self.state
+    }
+}
+
+fn mhead() -> MHead {
+    MHead { state: HeadState::new(), node: AtomicI64::new(0) }
+}
+
+/// Add vs retire through the head index (hazard 1, spec §3.5 and §3.16.7),
+/// with the real `index::enter` and `index::retire` over the loom-visible
+/// mock: the adder never lands in a closed head; when the runner retires the
+/// head, the adder's ref ends up in a fresh indexed head (or was taken by
+/// the runner); no ref is lost or doubled and no closed head stays indexed.
+#[test]
+fn loom_index_add_vs_retire() {
+    loom::model(|| {
+        let idx = Arc::new(MockIndex::<MHead>::new());
+        // One born head holding one ref, claimed by the runner before the race.
+        {
+            let (e, first) = index::enter(&*idx, 7, mhead, &());
+            assert!(first);
+            count::change(&MockIndex::head(&e).node, 1);
+            MockIndex::head(&e).state.exit();
+        }
+        let a = {
+            let idx = idx.clone();
+            thread::spawn(move || {
+                let (e, _) = index::enter(&*idx, 7, mhead, &());
+                let h = MockIndex::head(&e);
+                assert_eq!(h.state.load() & CLOSED, 0, "entered a closed head");
+                count::change(&h.node, 1);
+                h.state.exit();
+            })
+        };
+        let e = idx.get(7, &()).expect("indexed");
+        let h = MockIndex::head(&e);
+        assert!(h.state.try_claim());
+        let mut taken = 0;
+        let mut retired = false;
+        for _ in 0..3 {
+            let v = count::peek(&h.node);
+            if v != 0 {
+                if count::try_take(&h.node, v) {
+                    taken += v;
+                }
+                continue;
+            }
+            let w0 = h.state.load();
+            if state::adders(w0) != 0 || count::peek(&h.node) != 0 {
+                loom::thread::yield_now();
+                continue;
+            }
+            if index::retire::<MockIndex<MHead>>(&e, w0) {
+                retired = true;
+                break;
+            }
+        }
+        a.join().unwrap();
+        let nodes = idx.nodes();
+        let left: i64 = nodes.iter().map(|(_, n)| n.node.load(Ordering::SeqCst)).sum();
+        assert_eq!(taken + left, 2, "a ref was lost or doubled (taken {taken}, left {left})");
+        for (_, n) in &nodes {
+            assert_eq!(n.state.load() & CLOSED, 0, "a closed head is still indexed");
+        }
+        if retired {
+            assert_eq!(h.node.load(Ordering::SeqCst), 0, "a retired head kept a ref");
+        }
+        assert!(nodes.len() <= 1, "two heads under one bytenr");
     });
 }
 

@@ -3,8 +3,9 @@
 //!
 //! Dependencies (crossbeam-epoch, crossbeam-skiplist, arc-swap) are not
 //! modelled by loom: the models (`loom_models`) drive the protocol modules
-//! (`lockfree::state`, `lockfree::count`, `rsv`) directly. A loom-visible mock
-//! of the head index does not exist yet.
+//! (`lockfree::state`, `lockfree::count`, `rsv`) directly, and the head
+//! index's lifecycle steps (`lockfree::index`) through a mock index built
+//! from this shim's `Mutex` and `Arc`.
 
 #![allow(unused_imports)]
 

@@ -62,6 +62,13 @@ impl Epoch {
         }
     }
 
+    /// Publish this thread's batch of retired memory, then collect
+    /// everything whose grace period has passed.
+    pub(crate) fn reclaim(&self) {
+        self.pin().flush();
+        self.flush_all();
+    }
+
     /// Drop this thread's cached handle (lets the collector go when the
     /// root is dropped on this thread).
     pub(crate) fn forget_local(&self) {

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod count;
+pub(crate) mod index;
 pub(crate) mod state;
 
 #[cfg(not(dref_loom))]

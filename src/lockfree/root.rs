@@ -13,6 +13,7 @@ use super::count::Transition;
 use super::counters::RootCounters;
 use super::epoch::Epoch;
 use super::head::Head;
+use super::index;
 use crate::api::{
     self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
     HeadUpdate, RunMode, RunStats,
@@ -77,40 +78,12 @@ impl LockFreeRefs {
     }
 
     /// Find the head for `upd.bytenr` or insert a fresh one, and enter it as
-    /// an adder. A closed head is unlinked (helping its closer) and the add
-    /// retries into a new head (hazard 1).
+    /// an adder (hazard 1; the protocol is `index::enter`).
     fn enter_head<'g>(&'g self, upd: &HeadUpdate, guard: &'g Guard) -> (Entry<'g, 'g, u64, Head>, bool) {
-        loop {
-            let entry = match self.heads.get(&upd.bytenr, guard) {
-                Some(e) => e,
-                None => {
-                    // The closure may run and be discarded (BRIEF §4): no side effects.
-                    let r = self.heads.get_or_insert_with(
-                        upd.bytenr,
-                        || {
-                            Head::new(
-                                self.epoch.collector(),
-                                upd.bytenr,
-                                upd.num_bytes,
-                                upd.is_data,
-                                upd.is_system,
-                                upd.reserved,
-                            )
-                        },
-                        guard,
-                    );
-                    r.release(guard);
-                    continue;
-                }
-            };
-            match entry.value().state.enter() {
-                Ok(first) => return (entry, first),
-                Err(_) => {
-                    entry.remove();
-                    crate::sync::spin_hint();
-                }
-            }
-        }
+        // The constructor may run and be discarded (BRIEF §4): no side effects.
+        let make =
+            || Head::new(self.epoch.collector(), upd.bytenr, upd.num_bytes, upd.is_data, upd.is_system, upd.reserved);
+        index::enter(&self.heads, upd.bytenr, make, guard)
     }
 
     /// The add path (spec §3.1-§3.8): head update (§3.6) and node change (§3.7).
@@ -225,10 +198,9 @@ impl LockFreeRefs {
     /// csum accounting released, or `None` if the close CAS failed.
     pub(super) fn retire(&self, entry: &Entry<'_, '_, u64, Head>, w0: u64) -> Option<(bool, u64)> {
         let head = entry.value();
-        if !head.state.close_from(w0) {
+        if !index::retire::<SkipList<u64, Head>>(entry, w0) {
             return None;
         }
-        entry.remove();
         let g = *self.fs.reserves.geometry();
         self.counters.num_heads.add(-1);
         self.counters.num_entries.add(-1);
@@ -440,5 +412,13 @@ impl DelayedRefs for LockFreeRefs {
 
     fn qgroup_records(&self) -> Vec<QgroupRecord> {
         self.qgroup.lock().values().copied().collect()
+    }
+
+    fn reclaim(&self) {
+        self.epoch.reclaim();
+    }
+
+    fn release_thread(&self) {
+        self.epoch.forget_local();
     }
 }
