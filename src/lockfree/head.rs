@@ -1,9 +1,18 @@
-//! A lock-free head: atomic fields, the state word and a nested skiplist of
-//! ref nodes with signed atomic counts.
+//! A lock-free head (atomic fields and the state word) and its ref nodes
+//! with signed atomic counts.
 //!
 //! # Implementation details
 //!
-//! A node is `(NodeKey → count: AtomicI64)`: positive = that many ADDs,
+//! The nodes of every head live in one root-level skiplist, the [`NodeMap`],
+//! keyed by [`NodeIx`] = (bytenr, head generation, node key): a head's nodes
+//! are one contiguous range, walked in the order of spec §2.1. A head carries
+//! no list of its own (a crossbeam `SkipList` is ~512 bytes inline before its
+//! first entry, which made each head cost ~770 bytes). The generation is
+//! unique per head object, so a head created after its bytenr's previous head
+//! was retired never meets that head's leftover (zero) nodes, which the
+//! retiring runner unlinks after closing.
+//!
+//! A node is `(NodeIx → count: AtomicI64)`: positive = that many ADDs,
 //! negative = DROPs, zero = no node. Every add call is `fetch_add(±1)`
 //! (spec §3.7 with ref_mod 1: "decrement, never flip"), so an action flip
 //! always passes through zero, and the old value of the RMW tells exactly
@@ -23,8 +32,11 @@
 #![forbid(unsafe_code)]
 
 use arc_swap::ArcSwapOption;
-use crossbeam_epoch::{Collector, Guard};
-use crossbeam_skiplist::base::SkipList;
+use std::cell::Cell;
+use std::ops::Bound;
+
+use crossbeam_epoch::Guard;
+use crossbeam_skiplist::base::{Entry, SkipList};
 
 use super::count::{self, Transition};
 use super::state::HeadState;
@@ -33,6 +45,62 @@ use crate::domain::extent_op::ExtentOp;
 use crate::domain::key::NodeKey;
 use crate::domain::kind::Action;
 use crate::sync::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+/// Where a node lives in the [`NodeMap`]: its head's bytenr and generation,
+/// then its key (field order = sort order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct NodeIx {
+    pub bytenr: u64,
+    pub generation: u64,
+    pub key: NodeKey,
+}
+
+/// The smallest node key of spec §2.1's order (lowest type, zero fields and seq).
+const MIN_KEY: NodeKey = NodeKey { key: crate::domain::key::RefKey::TreeBlock { root: 0 }, seq: 0 };
+
+/// Every head's ref nodes, in one skiplist owned by the root.
+pub(crate) type NodeMap = SkipList<NodeIx, RefNode>;
+
+/// An entry of the [`NodeMap`].
+pub(crate) type NodeEntry<'g> = Entry<'g, 'g, NodeIx, RefNode>;
+
+/// The nodes of one head, in key order (zero nodes included).
+pub(crate) struct HeadNodes<'g> {
+    cur: Option<NodeEntry<'g>>,
+    bytenr: u64,
+    generation: u64,
+}
+
+impl<'g> Iterator for HeadNodes<'g> {
+    type Item = NodeEntry<'g>;
+
+    fn next(&mut self) -> Option<NodeEntry<'g>> {
+        let cur = self.cur.take()?;
+        let (bytenr, generation) = (self.bytenr, self.generation);
+        self.cur = cur.next().filter(|n| n.key().bytenr == bytenr && n.key().generation == generation);
+        Some(cur)
+    }
+}
+
+/// A head generation unique in the process, with no shared write per head:
+/// each thread takes blocks of ids from a global counter.
+fn next_gen() -> u64 {
+    const BLOCK: u64 = 1 << 16;
+    static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static IDS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
+    IDS.with(|ids| {
+        let (mut next, mut end) = ids.get();
+        if next == end {
+            // Relaxed: only uniqueness matters, which the RMW gives.
+            next = NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next + BLOCK;
+        }
+        ids.set((next + 1, end));
+        next
+    })
+}
 
 /// One ref node's mutable part.
 #[derive(Debug)]
@@ -45,6 +113,8 @@ pub(crate) struct RefNode {
 #[derive(Debug)]
 pub(crate) struct Head {
     pub bytenr: u64,
+    /// This head object's generation (its nodes' range in the [`NodeMap`]).
+    pub generation: u64,
     pub is_data: bool,
     pub is_system: bool,
     pub reserved_bytes: u64,
@@ -61,12 +131,12 @@ pub(crate) struct Head {
     /// Reader seqlock (spec §3.17): odd while a ref taken from this head is
     /// not yet applied to the backend. Only the claiming runner writes it.
     pub run_seq: AtomicU64,
-    pub refs: SkipList<NodeKey, RefNode>,
 }
 
 impl Head {
+    /// A fresh head. Takes a generation number: when the index discards
+    /// this value (a concurrent insert won), the number is simply skipped.
     pub(crate) fn new(
-        collector: &Collector,
         bytenr: u64,
         num_bytes: u64,
         is_data: bool,
@@ -75,6 +145,7 @@ impl Head {
     ) -> Self {
         Head {
             bytenr,
+            generation: next_gen(),
             is_data,
             is_system,
             reserved_bytes: reserved,
@@ -87,16 +158,28 @@ impl Head {
             extent_op: ArcSwapOption::empty(),
             add_epoch: AtomicU64::new(0),
             run_seq: AtomicU64::new(0),
-            refs: SkipList::new(collector.clone()),
         }
     }
 
+    fn ix(&self, key: NodeKey) -> NodeIx {
+        NodeIx { bytenr: self.bytenr, generation: self.generation, key }
+    }
+
+    /// This head's nodes in `map`, in key order.
+    pub(crate) fn nodes<'g>(&self, map: &'g NodeMap, guard: &'g Guard) -> HeadNodes<'g> {
+        let cur = map
+            .lower_bound(Bound::Included(&self.ix(MIN_KEY)), guard)
+            .filter(|n| n.key().bytenr == self.bytenr && n.key().generation == self.generation);
+        HeadNodes { cur, bytenr: self.bytenr, generation: self.generation }
+    }
+
     /// Apply one signed change to the node `key` (insert or merge, §3.7).
-    pub(crate) fn change_node(&self, key: NodeKey, delta: i64, level: u8, guard: &Guard) -> Transition {
-        let old = match self.refs.get(&key, guard) {
+    pub(crate) fn change_node(&self, map: &NodeMap, key: NodeKey, delta: i64, level: u8, guard: &Guard) -> Transition {
+        let ix = self.ix(key);
+        let old = match map.get(&ix, guard) {
             Some(e) => count::change(&e.value().count, delta),
             None => {
-                let e = self.refs.get_or_insert_with(key, || RefNode { count: AtomicI64::new(0), level }, guard);
+                let e = map.get_or_insert_with(ix, || RefNode { count: AtomicI64::new(0), level }, guard);
                 let old = count::change(&e.value().count, delta);
                 e.release(guard);
                 old
@@ -111,15 +194,18 @@ impl Head {
     }
 
     /// Whether any node is non-zero.
-    pub(crate) fn has_refs(&self, guard: &Guard) -> bool {
-        let mut e = self.refs.front(guard);
-        while let Some(n) = e {
-            if n.value().count.load(Ordering::Acquire) != 0 {
-                return true;
-            }
-            e = n.next();
+    pub(crate) fn has_refs(&self, map: &NodeMap, guard: &Guard) -> bool {
+        self.nodes(map, guard).any(|n| n.value().count.load(Ordering::Acquire) != 0)
+    }
+
+    /// Unlink every node of a closed head (all zero: the close CAS proved no
+    /// adder entered after the emptiness check). Their memory goes through
+    /// the epoch like the head's.
+    pub(crate) fn unlink_nodes(&self, map: &NodeMap, guard: &Guard) {
+        debug_assert!(self.state.is_closed());
+        for n in self.nodes(map, guard) {
+            n.remove();
         }
-        false
     }
 
     /// Merge an update into the extent op (spec §3.6 step 4).
@@ -137,20 +223,18 @@ impl Head {
         });
     }
 
-    pub(crate) fn snapshot(&self, guard: &Guard) -> HeadSnapshot {
+    pub(crate) fn snapshot(&self, map: &NodeMap, guard: &Guard) -> HeadSnapshot {
         let mut nodes = Vec::new();
-        let mut e = self.refs.front(guard);
-        while let Some(n) = e {
+        for n in self.nodes(map, guard) {
             let c = n.value().count.load(Ordering::Acquire);
             if c != 0 {
                 nodes.push(NodeSnapshot {
-                    key: *n.key(),
+                    key: n.key().key,
                     action: if c > 0 { Action::Add } else { Action::Drop },
                     ref_mod: c.unsigned_abs(),
                     level: n.value().level,
                 });
             }
-            e = n.next();
         }
         HeadSnapshot {
             bytenr: self.bytenr,
@@ -166,5 +250,21 @@ impl Head {
             extent_op: self.extent_op.load().as_deref().copied(),
             nodes,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inline sizes behind docs/benchmarks.md's bytes-per-head and
+    /// bytes-per-ref figures (a skiplist node adds 8 bytes of refcount and
+    /// height plus 8 per tower level, 2 levels on average).
+    #[test]
+    fn inline_sizes() {
+        let (head, ix, node) = (size_of::<Head>(), size_of::<NodeIx>(), size_of::<RefNode>());
+        eprintln!("Head {head} B, NodeIx {ix} B, RefNode {node} B");
+        assert!(head <= 112, "Head grew to {head} bytes");
+        assert!(ix + node <= 72, "node key + value grew to {} bytes", ix + node);
     }
 }

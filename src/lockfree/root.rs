@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use super::count::Transition;
 use super::counters::RootCounters;
 use super::epoch::Epoch;
-use super::head::Head;
+use super::head::{Head, NodeMap};
 use super::index;
 use crate::api::{
     self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
@@ -49,6 +49,8 @@ pub struct LockFreeRefs {
     // Field order matters: the index (and the heads in it) drop before the
     // collector that owns their garbage.
     pub(super) heads: SkipList<u64, Head>,
+    /// Every head's ref nodes (see `head`).
+    pub(super) nodes: NodeMap,
     pub(super) counters: RootCounters,
     pub(super) run_start: AtomicU64,
     qgroup: Mutex<BTreeMap<u64, QgroupRecord>>,
@@ -63,10 +65,9 @@ impl std::fmt::Debug for LockFreeRefs {
 
 impl Drop for LockFreeRefs {
     fn drop(&mut self) {
-        // Retired heads wait in the collector's garbage, and each holds a
-        // clone of the collector (its nested node list): a cycle that would
-        // keep both alive forever. Advance the epoch and collect until the
-        // garbage is gone (no thread can be pinned: we hold `&mut self`).
+        // Retired heads and nodes wait in the collector's garbage. Collect
+        // it now (no thread can be pinned on this root: we hold `&mut self`)
+        // so dropping the root frees everything deterministically.
         self.epoch.flush_all();
         self.epoch.forget_local();
     }
@@ -82,7 +83,7 @@ impl LockFreeRefs {
     fn enter_head<'g>(&'g self, upd: &HeadUpdate, guard: &'g Guard) -> (Entry<'g, 'g, u64, Head>, bool) {
         // The constructor may run and be discarded (BRIEF §4): no side effects.
         let make =
-            || Head::new(self.epoch.collector(), upd.bytenr, upd.num_bytes, upd.is_data, upd.is_system, upd.reserved);
+            || Head::new(upd.bytenr, upd.num_bytes, upd.is_data, upd.is_system, upd.reserved);
         index::enter(&self.heads, upd.bytenr, make, guard)
     }
 
@@ -157,7 +158,7 @@ impl LockFreeRefs {
         }
         if let Some((key, action, level)) = node {
             let delta = if action == Action::Add { 1 } else { -1 };
-            match head.change_node(key, delta, level, &guard) {
+            match head.change_node(&self.nodes, key, delta, level, &guard) {
                 Transition::Created => {
                     self.counters.num_entries.add(1);
                     trans.delayed_ref_updates += 1;
@@ -196,11 +197,12 @@ impl LockFreeRefs {
     /// Retire a claimed head whose list the caller found empty: close from
     /// `w0`, unlink, account (§3.15, §3.16.7 steps 3-5). Returns the bytes the
     /// csum accounting released, or `None` if the close CAS failed.
-    pub(super) fn retire(&self, entry: &Entry<'_, '_, u64, Head>, w0: u64) -> Option<(bool, u64)> {
+    pub(super) fn retire(&self, entry: &Entry<'_, '_, u64, Head>, w0: u64, guard: &Guard) -> Option<(bool, u64)> {
         let head = entry.value();
         if !index::retire::<SkipList<u64, Head>>(entry, w0) {
             return None;
         }
+        head.unlink_nodes(&self.nodes, guard);
         let g = *self.fs.reserves.geometry();
         self.counters.num_heads.add(-1);
         self.counters.num_entries.add(-1);
@@ -232,6 +234,7 @@ impl DelayedRefs for LockFreeRefs {
         LockFreeRefs {
             fs,
             heads: SkipList::new(epoch.collector().clone()),
+            nodes: NodeMap::new(epoch.collector().clone()),
             counters: RootCounters::default(),
             run_start: AtomicU64::new(0),
             qgroup: Mutex::new(BTreeMap::new()),
@@ -268,7 +271,7 @@ impl DelayedRefs for LockFreeRefs {
         if w & super::state::CLOSED != 0 || w & super::state::BORN == 0 {
             return None;
         }
-        Some(e.value().snapshot(&guard))
+        Some(e.value().snapshot(&self.nodes, &guard))
     }
 
     fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
@@ -314,7 +317,7 @@ impl DelayedRefs for LockFreeRefs {
         let Some(e) = self.heads.get(&bytenr, &guard) else { return CleanupOutcome::NoHead };
         let head = e.value();
         let busy = |h: &Head| {
-            h.has_refs(&guard) || (h.extent_op.load().is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
+            h.has_refs(&self.nodes, &guard) || (h.extent_op.load().is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
         };
         if busy(head) || !head.state.try_claim() {
             return CleanupOutcome::Busy;
@@ -326,7 +329,7 @@ impl DelayedRefs for LockFreeRefs {
             return CleanupOutcome::Busy;
         }
         let op = head.extent_op.swap(None);
-        match self.retire(&e, w0) {
+        match self.retire(&e, w0, &guard) {
             Some((mir, _)) => CleanupOutcome::Deleted { must_insert_reserved: mir },
             None => {
                 if let Some(op) = op {
@@ -355,8 +358,7 @@ impl DelayedRefs for LockFreeRefs {
                 continue;
             }
             self.counters.num_heads_ready.add(-1);
-            let mut n = head.refs.front(&guard);
-            while let Some(node) = n {
+            for node in head.nodes(&self.nodes, &guard) {
                 let v = super::count::take_all(&node.value().count);
                 if v != 0 {
                     head.ref_mod.fetch_sub(v, Ordering::AcqRel);
@@ -364,15 +366,14 @@ impl DelayedRefs for LockFreeRefs {
                     self.fs.reserves.delayed_refs_rsv_release(1, 0);
                     stats.nodes += 1;
                 }
-                n = node.next();
             }
             head.extent_op.swap(None);
             let w0 = head.state.load();
-            if head.has_refs(&guard) {
+            if head.has_refs(&self.nodes, &guard) {
                 self.unselect(head);
                 continue;
             }
-            match self.retire(&e, w0) {
+            match self.retire(&e, w0, &guard) {
                 Some((mir, _)) => {
                     stats.heads += 1;
                     if mir {
@@ -403,7 +404,7 @@ impl DelayedRefs for LockFreeRefs {
         while let Some(h) = e {
             let w = h.value().state.load();
             if w & super::state::CLOSED == 0 && w & super::state::BORN != 0 {
-                out.push(h.value().snapshot(&guard));
+                out.push(h.value().snapshot(&self.nodes, &guard));
             }
             e = h.next();
         }

@@ -165,16 +165,14 @@ fn take_and_run<B: ExtentTree + ?Sized>(
 fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
     let seq = refs.fs.seq.lowest_seq();
     let mut groups: Vec<Vec<(NodeKey, &super::head::RefNode)>> = Vec::new();
-    let mut e = head.refs.front(guard);
-    while let Some(n) = e {
-        let k = *n.key();
+    for n in head.nodes(&refs.nodes, guard) {
+        let k = n.key().key;
         if (seq == 0 || k.seq < seq) && n.value().count.load(Ordering::Acquire) != 0 {
             match groups.last_mut() {
                 Some(g) if comp_refs(&g[0].0, &k, false) == std::cmp::Ordering::Equal => g.push((k, n.value())),
                 _ => groups.push(vec![(k, n.value())]),
             }
         }
-        e = n.next();
     }
     for g in groups.into_iter().filter(|g| g.len() >= 2) {
         let signed: Vec<i64> = g.iter().map(|(_, n)| n.count.load(Ordering::Acquire)).collect();
@@ -229,12 +227,11 @@ fn run_head<B: ExtentTree + ?Sized>(
         // Acquire: pairs with the adders' Release bump (adds before drops).
         let epoch0 = head.add_epoch.load(Ordering::Acquire);
         for want_add in [true, false] {
-            let mut e = head.refs.front(guard);
-            while let Some(n) = e {
+            for n in head.nodes(&refs.nodes, guard) {
                 if !want_add && head.add_epoch.load(Ordering::Acquire) != epoch0 {
                     continue 'outer;
                 }
-                match take_and_run(refs, backend, head, *n.key(), n.value(), want_add, &mut stats) {
+                match take_and_run(refs, backend, head, n.key().key, n.value(), want_add, &mut stats) {
                     Ok(Take::Nothing) => {}
                     Ok(Take::Ran) => ran = true,
                     Ok(Take::HeldBack) => {
@@ -247,7 +244,6 @@ fn run_head<B: ExtentTree + ?Sized>(
                         return Err(err);
                     }
                 }
-                e = n.next();
             }
         }
         if ran {
@@ -290,12 +286,12 @@ fn run_head<B: ExtentTree + ?Sized>(
             crate::sync::spin_hint();
             continue;
         }
-        if head.has_refs(guard)
+        if head.has_refs(&refs.nodes, guard)
             || (head.extent_op.load().is_some() && !head.must_insert_reserved.load(Ordering::Acquire))
         {
             continue;
         }
-        let Some((mir, released)) = refs.retire(entry, w0) else { continue 'outer };
+        let Some((mir, released)) = refs.retire(entry, w0, guard) else { continue 'outer };
         // Closed: no adder can come back; a cancelled allocation's op goes.
         head.extent_op.swap(None);
         if mir {
