@@ -248,7 +248,9 @@ pub trait DelayedRefs: Send + Sync + Sized {
     /// Drop everything unrun on transaction abort (spec §3.19).
     fn destroy<B: ExtentTree + ?Sized>(&self, backend: &B) -> DestroyStats;
 
-    /// Root counters.
+    /// Root counters (spec §1.6). Exact at quiescence; while other threads
+    /// add or run, the lock-free root returns an approximation (each field
+    /// clamped at zero), the locked port a value taken under its root lock.
     fn counters(&self) -> Counters;
 
     /// Every indexed head, by bytenr (consistent at quiescence).

@@ -389,11 +389,15 @@ impl DelayedRefs for LockFreeRefs {
     }
 
     fn counters(&self) -> Counters {
+        // Exact at quiescence. While threads work, stripes are read at
+        // different moments and a sum can dip below zero: read that as 0
+        // rather than as a huge unsigned count.
+        let read = |c: &super::counters::Striped| c.sum().max(0) as u64;
         Counters {
-            num_heads: self.counters.num_heads.sum() as u64,
-            num_heads_ready: self.counters.num_heads_ready.sum() as u64,
-            num_entries: self.counters.num_entries.sum() as u64,
-            pending_csums: self.counters.pending_csums.sum() as u64,
+            num_heads: read(&self.counters.num_heads),
+            num_heads_ready: read(&self.counters.num_heads_ready),
+            num_entries: read(&self.counters.num_entries),
+            pending_csums: read(&self.counters.pending_csums),
         }
     }
 
