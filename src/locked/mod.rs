@@ -180,7 +180,8 @@ impl LockedRefs {
         let upd = HeadUpdate::for_ref(gref, reserved, op);
         let out = self.add_locked(trans, upd, Some((key, gref.action.node_action(), gref.level())), rec)?;
         self.fs.reserves.update_delayed_refs_rsv(trans);
-        crate::trace_ref!("add_delayed_ref", gref.bytenr, gref.num_bytes, gref.action, key, 1u64);
+        crate::trace_head!(add, gref.bytenr, gref.num_bytes, gref.action, gref.is_data());
+        crate::trace_ref!(add, gref.bytenr, gref.num_bytes, gref.action, key, gref.level(), 1u64);
         Ok(out)
     }
 
@@ -219,6 +220,7 @@ impl DelayedRefs for LockedRefs {
         let upd = HeadUpdate::for_extent_op(bytenr, num_bytes, op);
         self.add_locked(trans, upd, None, None)?;
         self.fs.reserves.update_delayed_refs_rsv(trans);
+        crate::trace_head!(add, bytenr, num_bytes, Action::UpdateHead, false);
         Ok(())
     }
 

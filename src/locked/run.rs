@@ -151,7 +151,7 @@ fn run_head<B: ExtentTree + ?Sized>(
                 drop(token);
                 return Err(Error::Backend { bytenr: h.bytenr, source: e });
             }
-            crate::trace_ref!("run_delayed_ref", h.bytenr, num_bytes, node.action, key, node.ref_mod);
+            crate::trace_ref!(run, h.bytenr, num_bytes, node.action, key, node.level, node.ref_mod);
             refs.fs.reserves.delayed_refs_rsv_release(1, 0);
             stats.refs += 1;
             stats.bytes_released += g.delayed_ref_bytes(1);
@@ -199,7 +199,7 @@ fn run_head<B: ExtentTree + ?Sized>(
         if mir {
             backend.pin_reserved(h.bytenr, nb, h.is_data);
         }
-        crate::trace_head!("run_delayed_ref_head", h.bytenr, nb, crate::Action::Add, h.is_data);
+        crate::trace_head!(run, h.bytenr, nb, crate::Action::Add, h.is_data);
         drop(token);
         stats.heads_deleted += 1;
         return Ok((HeadOutcome::Deleted, stats));

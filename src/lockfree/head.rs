@@ -136,13 +136,7 @@ pub(crate) struct Head {
 impl Head {
     /// A fresh head. Takes a generation number: when the index discards
     /// this value (a concurrent insert won), the number is simply skipped.
-    pub(crate) fn new(
-        bytenr: u64,
-        num_bytes: u64,
-        is_data: bool,
-        is_system: bool,
-        reserved: u64,
-    ) -> Self {
+    pub(crate) fn new(bytenr: u64, num_bytes: u64, is_data: bool, is_system: bool, reserved: u64) -> Self {
         Head {
             bytenr,
             generation: next_gen(),

@@ -82,8 +82,7 @@ impl LockFreeRefs {
     /// an adder (hazard 1; the protocol is `index::enter`).
     fn enter_head<'g>(&'g self, upd: &HeadUpdate, guard: &'g Guard) -> (Entry<'g, 'g, u64, Head>, bool) {
         // The constructor may run and be discarded (BRIEF §4): no side effects.
-        let make =
-            || Head::new(upd.bytenr, upd.num_bytes, upd.is_data, upd.is_system, upd.reserved);
+        let make = || Head::new(upd.bytenr, upd.num_bytes, upd.is_data, upd.is_system, upd.reserved);
         index::enter(&self.heads, upd.bytenr, make, guard)
     }
 
@@ -190,7 +189,8 @@ impl LockFreeRefs {
         let rec = api::qgroup_record(self.fs.qgroups, gref, reserved);
         let upd = HeadUpdate::for_ref(gref, reserved, op);
         let out = self.add_inner(trans, upd, Some((key, gref.action.node_action(), gref.level())), rec)?;
-        crate::trace_ref!("add_delayed_ref", gref.bytenr, gref.num_bytes, gref.action, key, 1u64);
+        crate::trace_head!(add, gref.bytenr, gref.num_bytes, gref.action, gref.is_data());
+        crate::trace_ref!(add, gref.bytenr, gref.num_bytes, gref.action, key, gref.level(), 1u64);
         Ok(out)
     }
 
@@ -261,6 +261,7 @@ impl DelayedRefs for LockFreeRefs {
         let upd = HeadUpdate::for_extent_op(bytenr, num_bytes, op);
         self.add_inner(trans, upd, None, None)?;
         self.fs.reserves.update_delayed_refs_rsv(trans);
+        crate::trace_head!(add, bytenr, num_bytes, Action::UpdateHead, false);
         Ok(())
     }
 
@@ -317,7 +318,8 @@ impl DelayedRefs for LockFreeRefs {
         let Some(e) = self.heads.get(&bytenr, &guard) else { return CleanupOutcome::NoHead };
         let head = e.value();
         let busy = |h: &Head| {
-            h.has_refs(&self.nodes, &guard) || (h.extent_op.load().is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
+            h.has_refs(&self.nodes, &guard)
+                || (h.extent_op.load().is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
         };
         if busy(head) || !head.state.try_claim() {
             return CleanupOutcome::Busy;

@@ -153,7 +153,7 @@ fn take_and_run<B: ExtentTree + ?Sized>(
         }
         // Release: the even value publishes the applied state to readers.
         head.run_seq.fetch_add(1, Ordering::Release);
-        crate::trace_ref!("run_delayed_ref", head.bytenr, num_bytes, action, key, v.unsigned_abs());
+        crate::trace_ref!(run, head.bytenr, num_bytes, action, key, node.level, v.unsigned_abs());
         refs.fs.reserves.delayed_refs_rsv_release(1, 0);
         stats.refs += 1;
         stats.bytes_released += g.delayed_ref_bytes(1);
@@ -300,7 +300,7 @@ fn run_head<B: ExtentTree + ?Sized>(
         }
         stats.bytes_released += released;
         stats.heads_deleted += 1;
-        crate::trace_head!("run_delayed_ref_head", head.bytenr, 0u64, crate::Action::Add, head.is_data);
+        crate::trace_head!(run, head.bytenr, head.num_bytes.load(Ordering::Relaxed), crate::Action::Add, head.is_data);
         return Ok((HeadOutcome::Deleted, stats));
     }
 }
