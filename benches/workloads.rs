@@ -1,33 +1,83 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
-//! criterion benches: W4 add-only and W3 hot head, both implementations,
-//! 1/2/4/8/16 threads (BRIEF §5). Each iteration spawns the threads, which
-//! each queue `ADDS_PER_THREAD` adds; throughput is reported per add.
-//! Ratios against the locked port come from the same run (docs/benchmarks.md).
+//! criterion benches of the BRIEF §5 workloads, both implementations,
+//! 1/2/4/8/16 threads, ratios from the same run (docs/benchmarks.md):
+//!
+//! - `W1_spread`: adders on many heads (about 4 refs each) while runners run
+//!   `RunMode::Ready`; a final drain. With T threads: T/2 adders and T/2
+//!   runners (1 thread: add, then drain).
+//! - `W2_drain`: a prefilled index of 4096 heads x 4 refs drained by the
+//!   commit drain on a rayon pool of T threads (prefill not timed).
+//! - `W3_hot_head`: every thread adds its own keys under one head.
+//! - `W4_add_only`: each thread adds 4 refs to each of its own heads.
+//! - `wide_head`: one head, every add a new distinct key.
+//! - `wide_scaling`: one thread adding N distinct keys to one head, N =
+//!   1k/10k/100k: per-add time must grow like log N, not N.
+//!
+//! Throughput is reported per add (per ref for W2).
 
 use std::hint::black_box;
+use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockFreeRefs, LockedRefs, TransHandle};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use delayed_refs::{
+    Action, DelayedRefs, FsConfig, GenericRef, LockFreeRefs, LockedRefs, MemExtentTree, RunMode, TransHandle,
+};
 
 const ADDS_PER_THREAD: u64 = 4096;
 const THREADS: [u64; 5] = [1, 2, 4, 8, 16];
+const NB: u64 = 4096;
 
-/// W4: each thread adds 4 refs to each of its own heads (merge throughput, no runners).
-fn add_only<D: DelayedRefs>(threads: u64) {
+fn data_ref(action: Action, bytenr: u64, owner: u64, offset: u64) -> GenericRef {
+    GenericRef::new(action, bytenr, NB, 0, 5).data(5, owner, offset, 0, false)
+}
+
+/// W1: `adders` threads queue refs over their own heads, 4 per head, the
+/// first allocating the extent; `runners` threads run meanwhile.
+fn spread<D: DelayedRefs>(adders: u64, runners: u64) {
     let refs = D::new(FsConfig::default());
+    let tree = MemExtentTree::new();
+    let done = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| {
-        for t in 0..threads {
-            let refs = &refs;
+        for t in 0..adders {
+            let (refs, done) = (&refs, &done);
             s.spawn(move || {
                 let mut h = TransHandle::new();
                 for i in 0..ADDS_PER_THREAD {
-                    let head = (t << 32) | (i / 4);
-                    let r = GenericRef::new(Action::Add, (head + 1) << 12, 4096, 0, 5).data(5, 257, i % 4, 0, false);
-                    black_box(refs.add_data_ref(&mut h, &r, 0).unwrap());
+                    let bytenr = ((t << 32) | (i / 4)) * NB + NB;
+                    let (action, reserved) = if i % 4 == 0 { (Action::AddExtent, NB) } else { (Action::Add, 0) };
+                    black_box(refs.add_data_ref(&mut h, &data_ref(action, bytenr, 257, i % 4), reserved).unwrap());
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::Release);
+            });
+        }
+        for _ in 0..runners {
+            let (refs, tree, done) = (&refs, &tree, &done);
+            s.spawn(move || {
+                while done.load(std::sync::atomic::Ordering::Acquire) < adders {
+                    black_box(refs.run(tree, RunMode::Ready).unwrap());
                 }
             });
         }
     });
+    refs.run(&tree, RunMode::All).unwrap();
+    assert_eq!(tree.len() as u64, adders * ADDS_PER_THREAD / 4);
+}
+
+fn w1<D: DelayedRefs>(threads: u64) {
+    let adders = (threads / 2).max(1);
+    spread::<D>(adders, threads - adders);
+}
+
+/// W2 setup: 4096 heads with 4 refs each, queued single-threaded.
+fn prefilled<D: DelayedRefs>() -> (D, MemExtentTree) {
+    let refs = D::new(FsConfig::default());
+    let mut h = TransHandle::new();
+    for i in 0..4096 * 4u64 {
+        let bytenr = (i / 4) * NB + NB;
+        let (action, reserved) = if i % 4 == 0 { (Action::AddExtent, NB) } else { (Action::Add, 0) };
+        refs.add_data_ref(&mut h, &data_ref(action, bytenr, 257, i % 4), reserved).unwrap();
+    }
+    (refs, MemExtentTree::new())
 }
 
 /// W3: every thread adds to one hot head (its own keys under it).
@@ -39,28 +89,115 @@ fn hot<D: DelayedRefs>(threads: u64) {
             s.spawn(move || {
                 let mut h = TransHandle::new();
                 for i in 0..ADDS_PER_THREAD {
-                    let r = GenericRef::new(Action::Add, 1 << 30, 4096, 0, 5).data(5, 1000 + t, i % 64, 0, false);
-                    black_box(refs.add_data_ref(&mut h, &r, 0).unwrap());
+                    black_box(refs.add_data_ref(&mut h, &data_ref(Action::Add, 1 << 30, 1000 + t, i % 64), 0).unwrap());
                 }
             });
         }
     });
 }
 
-fn bench(c: &mut Criterion) {
-    for (name, f_locked, f_lockfree) in [
-        ("W4_add_only", add_only::<LockedRefs> as fn(u64), add_only::<LockFreeRefs> as fn(u64)),
-        ("W3_hot_head", hot::<LockedRefs> as fn(u64), hot::<LockFreeRefs> as fn(u64)),
-    ] {
-        let mut g = c.benchmark_group(name);
-        g.sample_size(10);
-        for t in THREADS {
-            g.throughput(Throughput::Elements(t * ADDS_PER_THREAD));
-            g.bench_with_input(BenchmarkId::new("locked", t), &t, |b, &t| b.iter(|| f_locked(t)));
-            g.bench_with_input(BenchmarkId::new("lockfree", t), &t, |b, &t| b.iter(|| f_lockfree(t)));
+/// W4: each thread adds 4 refs to each of its own heads (no runners).
+fn add_only<D: DelayedRefs>(threads: u64) {
+    let refs = D::new(FsConfig::default());
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let refs = &refs;
+            s.spawn(move || {
+                let mut h = TransHandle::new();
+                for i in 0..ADDS_PER_THREAD {
+                    let bytenr = ((t << 32) | (i / 4)) * NB + NB;
+                    black_box(refs.add_data_ref(&mut h, &data_ref(Action::Add, bytenr, 257, i % 4), 0).unwrap());
+                }
+            });
         }
-        g.finish();
+    });
+}
+
+/// Wide head: one head, every add a distinct key.
+fn wide<D: DelayedRefs>(threads: u64) {
+    let refs = D::new(FsConfig::default());
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let refs = &refs;
+            s.spawn(move || {
+                let mut h = TransHandle::new();
+                for i in 0..ADDS_PER_THREAD {
+                    black_box(refs.add_data_ref(&mut h, &data_ref(Action::Add, 1 << 30, 1000 + t, i), 0).unwrap());
+                }
+            });
+        }
+    });
+}
+
+/// One thread, `n` distinct keys on one head.
+fn wide_n<D: DelayedRefs>(n: u64) {
+    let refs = D::new(FsConfig::default());
+    let mut h = TransHandle::new();
+    for i in 0..n {
+        black_box(refs.add_data_ref(&mut h, &data_ref(Action::Add, 1 << 30, 257, i), 0).unwrap());
     }
+}
+
+fn group(c: &mut Criterion, name: &str, locked: fn(u64), lockfree: fn(u64), adds: fn(u64) -> u64) {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for t in THREADS {
+        g.throughput(Throughput::Elements(adds(t)));
+        g.bench_with_input(BenchmarkId::new("locked", t), &t, |b, &t| b.iter(|| locked(t)));
+        g.bench_with_input(BenchmarkId::new("lockfree", t), &t, |b, &t| b.iter(|| lockfree(t)));
+    }
+    g.finish();
+}
+
+fn drain_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("W2_drain");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.throughput(Throughput::Elements(4096 * 4));
+    for t in THREADS {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t as usize).build().unwrap();
+        g.bench_with_input(BenchmarkId::new("locked", t), &t, |b, _| {
+            b.iter_batched(
+                prefilled::<LockedRefs>,
+                |(refs, tree)| {
+                    refs.commit_drain(&tree, &pool).unwrap();
+                    (refs, tree)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_with_input(BenchmarkId::new("lockfree", t), &t, |b, _| {
+            b.iter_batched(
+                prefilled::<LockFreeRefs>,
+                |(refs, tree)| {
+                    refs.commit_drain(&tree, &pool).unwrap();
+                    (refs, tree)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+fn scaling_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wide_scaling");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for n in [1_000u64, 10_000, 100_000] {
+        g.throughput(Throughput::Elements(n));
+        g.bench_with_input(BenchmarkId::new("locked", n), &n, |b, &n| b.iter(|| wide_n::<LockedRefs>(n)));
+        g.bench_with_input(BenchmarkId::new("lockfree", n), &n, |b, &n| b.iter(|| wide_n::<LockFreeRefs>(n)));
+    }
+    g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    let every = |t: u64| t * ADDS_PER_THREAD;
+    group(c, "W1_spread", w1::<LockedRefs>, w1::<LockFreeRefs>, |t| (t / 2).max(1) * ADDS_PER_THREAD);
+    drain_group(c);
+    group(c, "W3_hot_head", hot::<LockedRefs>, hot::<LockFreeRefs>, every);
+    group(c, "W4_add_only", add_only::<LockedRefs>, add_only::<LockFreeRefs>, every);
+    group(c, "wide_head", wide::<LockedRefs>, wide::<LockFreeRefs>, every);
+    scaling_group(c);
 }
 
 criterion_group!(benches, bench);
