@@ -30,7 +30,7 @@ fn adder(h: &HeadState, node: &AtomicI64, entries: &AtomicI64, delta: i64) -> bo
     match h.enter() {
         Err(_) => false,
         Ok(_) => {
-            let old = count::change(node, delta);
+            let old = count::change(node, delta).unwrap();
             entries.fetch_add(Transition::of(old, old + delta).entries_delta(), Ordering::Relaxed);
             h.exit();
             true
@@ -112,7 +112,7 @@ fn loom_index_add_vs_retire() {
         {
             let (e, first) = index::enter(&*idx, 7, mhead, &());
             assert!(first);
-            count::change(&MockIndex::head(&e).node, 1);
+            count::change(&MockIndex::head(&e).node, 1).unwrap();
             MockIndex::head(&e).state.exit();
         }
         let a = {
@@ -121,7 +121,7 @@ fn loom_index_add_vs_retire() {
                 let (e, _) = index::enter(&*idx, 7, mhead, &());
                 let h = MockIndex::head(&e);
                 assert_eq!(h.state.load() & CLOSED, 0, "entered a closed head");
-                count::change(&h.node, 1);
+                count::change(&h.node, 1).unwrap();
                 h.state.exit();
             })
         };
@@ -162,6 +162,33 @@ fn loom_index_add_vs_retire() {
     });
 }
 
+/// Kill vs add (module `count`): the runner kills a zero node while an adder
+/// changes it; an adder refused by a dead node retries into a fresh node
+/// (`fresh` stands for the node its retry inserts). Exactly one live count
+/// holds the adder's ref, and a dead node never reads as a count.
+#[test]
+fn loom_kill_vs_add() {
+    loom::model(|| {
+        let node = Arc::new(AtomicI64::new(0));
+        let fresh = Arc::new(AtomicI64::new(0));
+        let a = {
+            let (node, fresh) = (node.clone(), fresh.clone());
+            thread::spawn(move || match count::change(&node, 1) {
+                Ok(old) => assert_eq!(Transition::of(old, old + 1), Transition::Created),
+                Err(count::Dead) => assert_eq!(count::change(&fresh, 1), Ok(0)),
+            })
+        };
+        let killed = count::try_kill(&node);
+        a.join().unwrap();
+        let (n, f) = (count::peek(&node), count::peek(&fresh));
+        assert_eq!(n + f, 1, "the add was lost or doubled (node {n}, fresh {f})");
+        if killed {
+            assert_eq!(n, 0, "a dead node reads as a count");
+            assert_eq!(count::take_all(&node), 0, "take_all revived a dead node");
+        }
+    });
+}
+
 /// Claim vs claim (hazard 2, invariant 5): exactly one runner wins.
 #[test]
 fn loom_claim_vs_claim() {
@@ -192,7 +219,7 @@ fn loom_take_vs_merge_flip() {
             let (node, entries, done) = (node.clone(), entries.clone(), done.clone());
             thread::spawn(move || {
                 for _ in 0..2 {
-                    let old = count::change(&node, -1);
+                    let old = count::change(&node, -1).unwrap();
                     entries.fetch_add(Transition::of(old, old - 1).entries_delta(), Ordering::Relaxed);
                 }
                 done.store(true, Ordering::Release);

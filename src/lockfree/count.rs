@@ -7,9 +7,20 @@
 //! | `0` | no node | created (ADD) | created (DROP) | nothing |
 //! | `< 0` | that many DROPs | merged, or dropped at -1 | merged | CAS `v → 0` in the drop phase |
 //!
+//! | `DEAD` (and below) | unlinked by the runner | refused: retry into a fresh node | refused | nothing |
+//!
 //! Every change is one RMW, so the old value tells exactly one thread about
 //! each crossing of zero ([`Transition`]); that thread does the matching
 //! `num_entries` and `C(1)` reserve accounting.
+//!
+//! A zero node is "absent", but it still occupies the node map. So that a
+//! head that never empties (a hot head with adders always in flight) does
+//! not accumulate every key it ever saw, the claiming runner kills zero
+//! nodes: CAS `0 → DEAD`, then unlinks them. An adder that finds a dead node
+//! (its RMW returned a dead value) made no change that counts: it helps
+//! unlink the node and retries into a fresh one. `DEAD` is `-2^62`, so the
+//! ±1 changes of late adders can neither wrap it nor bring it near a live
+//! count.
 
 #![forbid(unsafe_code)]
 
@@ -50,17 +61,41 @@ impl Transition {
     }
 }
 
-/// Add `delta` (an adder's ±1, or a restore/merge amount); returns the old value.
-pub(crate) fn change(count: &AtomicI64, delta: i64) -> i64 {
-    // AcqRel: the adder's change is ordered with the runner's CAS take on
-    // the same word; any interleaving is one total order of RMWs.
-    count.fetch_add(delta, Ordering::AcqRel)
+/// The count of a node the runner killed (see the module docs).
+pub(crate) const DEAD: i64 = -(1 << 62);
+
+/// Whether a count read from a node means "dead".
+pub(crate) fn is_dead(v: i64) -> bool {
+    v < DEAD / 2
 }
 
-/// Read a count for a take.
+/// The node was killed: the change did not count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Dead;
+
+/// Add `delta` (an adder's ±1, or a restore/merge amount); returns the old
+/// value, or `Dead` if the node was killed (the change then counts for nothing).
+pub(crate) fn change(count: &AtomicI64, delta: i64) -> Result<i64, Dead> {
+    // AcqRel: the adder's change is ordered with the runner's CAS take and
+    // kill on the same word; any interleaving is one total order of RMWs.
+    let old = count.fetch_add(delta, Ordering::AcqRel);
+    if is_dead(old) { Err(Dead) } else { Ok(old) }
+}
+
+/// Read a count; a dead node reads as 0 (absent).
 pub(crate) fn peek(count: &AtomicI64) -> i64 {
     // Acquire: pairs with the adders' AcqRel `change`.
-    count.load(Ordering::Acquire)
+    let v = count.load(Ordering::Acquire);
+    if is_dead(v) { 0 } else { v }
+}
+
+/// Kill a zero node (only the runner that claimed its head does this): true
+/// if the node was 0 and is now dead; the caller then unlinks it.
+#[cfg_attr(dref_loom, allow(dead_code))]
+pub(crate) fn try_kill(count: &AtomicI64) -> bool {
+    // AcqRel: ordered with adders' RMWs on the same word; an adder whose
+    // RMW follows this one sees DEAD and retries elsewhere.
+    count.compare_exchange(0, DEAD, Ordering::AcqRel, Ordering::Relaxed).is_ok()
 }
 
 /// Take exactly `v` (the value just peeked): fails if an adder changed it,
@@ -71,9 +106,13 @@ pub(crate) fn try_take(count: &AtomicI64, v: i64) -> bool {
     count.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire).is_ok()
 }
 
-/// Take whatever is there (merge pass, destroy); returns it.
+/// Take whatever is there (merge pass, destroy); returns it (0 for a dead node).
 #[cfg_attr(dref_loom, allow(dead_code))]
 pub(crate) fn take_all(count: &AtomicI64) -> i64 {
-    // AcqRel: see `change`.
-    count.swap(0, Ordering::AcqRel)
+    loop {
+        let v = peek(count);
+        if v == 0 || try_take(count, v) {
+            return v;
+        }
+    }
 }

@@ -51,4 +51,6 @@ pub(crate) struct RootCounters {
     pub num_heads_ready: Striped,
     pub num_entries: Striped,
     pub pending_csums: Striped,
+    /// Heads and nodes unlinked since the last `reclaim` (sizes its flushing).
+    pub retired: Striped,
 }

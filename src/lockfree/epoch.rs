@@ -62,11 +62,18 @@ impl Epoch {
         }
     }
 
-    /// Publish this thread's batch of retired memory, then collect
-    /// everything whose grace period has passed.
-    pub(crate) fn reclaim(&self) {
-        self.pin().flush();
-        self.flush_all();
+    /// Collect retired memory at a quiescent point. `retired` is how many
+    /// objects were retired since the last call: each flush publishes this
+    /// thread's batch and collects a bounded number of batches (crossbeam
+    /// collects at most 8 bags of up to 64 objects per call), and an object
+    /// needs two epoch advances, so the number of flushes scales with it.
+    /// Uses this thread's cached handle: registering a fresh one would
+    /// itself leave a record and a batch behind for a later collection.
+    pub(crate) fn reclaim(&self, retired: u64) {
+        let rounds = 64 + retired / 128;
+        for _ in 0..rounds {
+            self.pin().flush();
+        }
     }
 
     /// Drop this thread's cached handle (lets the collector go when the

@@ -168,15 +168,23 @@ impl Head {
     }
 
     /// Apply one signed change to the node `key` (insert or merge, §3.7).
+    /// A node the runner killed meanwhile is helped out of the map and the
+    /// change retried into a fresh node (module `count`).
     pub(crate) fn change_node(&self, map: &NodeMap, key: NodeKey, delta: i64, level: u8, guard: &Guard) -> Transition {
         let ix = self.ix(key);
-        let old = match map.get(&ix, guard) {
-            Some(e) => count::change(&e.value().count, delta),
-            None => {
-                let e = map.get_or_insert_with(ix, || RefNode { count: AtomicI64::new(0), level }, guard);
-                let old = count::change(&e.value().count, delta);
-                e.release(guard);
-                old
+        let old = loop {
+            let res = match map.get(&ix, guard) {
+                Some(e) => count::change(&e.value().count, delta).map_err(|_| e.remove()),
+                None => {
+                    let e = map.get_or_insert_with(ix, || RefNode { count: AtomicI64::new(0), level }, guard);
+                    let res = count::change(&e.value().count, delta).map_err(|_| e.remove(guard));
+                    e.release(guard);
+                    res
+                }
+            };
+            match res {
+                Ok(old) => break old,
+                Err(_) => crate::sync::spin_hint(),
             }
         };
         let new = old + delta;
@@ -189,17 +197,16 @@ impl Head {
 
     /// Whether any node is non-zero.
     pub(crate) fn has_refs(&self, map: &NodeMap, guard: &Guard) -> bool {
-        self.nodes(map, guard).any(|n| n.value().count.load(Ordering::Acquire) != 0)
+        self.nodes(map, guard).any(|n| count::peek(&n.value().count) != 0)
     }
 
     /// Unlink every node of a closed head (all zero: the close CAS proved no
     /// adder entered after the emptiness check). Their memory goes through
     /// the epoch like the head's.
-    pub(crate) fn unlink_nodes(&self, map: &NodeMap, guard: &Guard) {
+    /// Returns how many live (not killed) nodes it unlinked.
+    pub(crate) fn unlink_nodes(&self, map: &NodeMap, guard: &Guard) -> usize {
         debug_assert!(self.state.is_closed());
-        for n in self.nodes(map, guard) {
-            n.remove();
-        }
+        self.nodes(map, guard).filter(|n| !count::is_dead(n.value().count.load(Ordering::Relaxed)) && n.remove()).count()
     }
 
     /// Merge an update into the extent op (spec §3.6 step 4).
@@ -220,7 +227,7 @@ impl Head {
     pub(crate) fn snapshot(&self, map: &NodeMap, guard: &Guard) -> HeadSnapshot {
         let mut nodes = Vec::new();
         for n in self.nodes(map, guard) {
-            let c = n.value().count.load(Ordering::Acquire);
+            let c = count::peek(&n.value().count);
             if c != 0 {
                 nodes.push(NodeSnapshot {
                     key: n.key().key,

@@ -202,7 +202,8 @@ impl LockFreeRefs {
         if !index::retire::<SkipList<u64, Head>>(entry, w0) {
             return None;
         }
-        head.unlink_nodes(&self.nodes, guard);
+        let nodes = head.unlink_nodes(&self.nodes, guard);
+        self.counters.retired.add(1 + nodes as i64);
         let g = *self.fs.reserves.geometry();
         self.counters.num_heads.add(-1);
         self.counters.num_entries.add(-1);
@@ -422,7 +423,9 @@ impl DelayedRefs for LockFreeRefs {
     }
 
     fn reclaim(&self) {
-        self.epoch.reclaim();
+        let n = self.counters.retired.sum().max(0);
+        self.epoch.reclaim(n as u64);
+        self.counters.retired.add(-n);
     }
 
     fn release_thread(&self) {

@@ -126,7 +126,9 @@ fn take_and_run<B: ExtentTree + ?Sized>(
         let res = backend.apply_ref(&run);
         if let Err(e) = res {
             // Put everything back: nothing queued may be lost.
-            let old = count::change(&node.count, v);
+            // The node is the one just taken from; only this runner kills
+            // nodes and it has not killed this one.
+            let Ok(old) = count::change(&node.count, v) else { unreachable_dead() };
             match Transition::of(old, old + v) {
                 Transition::Created => refs.counters.num_entries.add(1),
                 Transition::Merged => {
@@ -161,13 +163,30 @@ fn take_and_run<B: ExtentTree + ?Sized>(
     }
 }
 
+/// Kill and unlink a node that reads 0, so a head that stays busy does
+/// not keep every key it ever saw (module `count`).
+fn kill_if_zero(refs: &LockFreeRefs, n: &super::head::NodeEntry<'_>) {
+    if count::try_kill(&n.value().count) {
+        // An adder that met the dead node may have unlinked it first.
+        n.remove();
+        refs.counters.retired.add(1);
+    }
+}
+
+/// A dead node where the protocol rules one out. Only the claiming runner
+/// kills nodes; reaching this is a bug in this module, not bad input.
+#[cold]
+fn unreachable_dead() -> ! {
+    panic!("delayed-refs: a node this runner holds was killed (lock-free run-side bug)")
+}
+
 /// The merge pass on a metadata head (spec §3.10), by the claiming runner.
 fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
     let seq = refs.fs.seq.lowest_seq();
     let mut groups: Vec<Vec<(NodeKey, &super::head::RefNode)>> = Vec::new();
     for n in head.nodes(&refs.nodes, guard) {
         let k = n.key().key;
-        if (seq == 0 || k.seq < seq) && n.value().count.load(Ordering::Acquire) != 0 {
+        if (seq == 0 || k.seq < seq) && count::peek(&n.value().count) != 0 {
             match groups.last_mut() {
                 Some(g) if comp_refs(&g[0].0, &k, false) == std::cmp::Ordering::Equal => g.push((k, n.value())),
                 _ => groups.push(vec![(k, n.value())]),
@@ -175,7 +194,7 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
         }
     }
     for g in groups.into_iter().filter(|g| g.len() >= 2) {
-        let signed: Vec<i64> = g.iter().map(|(_, n)| n.count.load(Ordering::Acquire)).collect();
+        let signed: Vec<i64> = g.iter().map(|(_, n)| count::peek(&n.count)).collect();
         // Everything cancelling (None) folds into the first node, which then drops.
         let s = merge_run(&signed).map_or(0, |(s, _)| s);
         let mut moved = 0i64;
@@ -191,7 +210,9 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
             }
         }
         let survivor = g[s].1;
-        let old = count::change(&survivor.count, moved);
+        // Only this runner kills nodes, and it killed none since it read
+        // the survivor non-zero: the change cannot meet a dead node.
+        let Ok(old) = count::change(&survivor.count, moved) else { unreachable_dead() };
         match Transition::of(old, old + moved) {
             Transition::Created => {
                 refs.counters.num_entries.add(1);
@@ -232,8 +253,11 @@ fn run_head<B: ExtentTree + ?Sized>(
                     continue 'outer;
                 }
                 match take_and_run(refs, backend, head, n.key().key, n.value(), want_add, &mut stats) {
-                    Ok(Take::Nothing) => {}
-                    Ok(Take::Ran) => ran = true,
+                    Ok(Take::Nothing) => kill_if_zero(refs, &n),
+                    Ok(Take::Ran) => {
+                        ran = true;
+                        kill_if_zero(refs, &n);
+                    }
                     Ok(Take::HeldBack) => {
                         refs.unselect(head);
                         stats.held_back += 1;

@@ -110,16 +110,26 @@ fn drain_all<D: DelayedRefs>(refs: &D, tree: &MemExtentTree) -> delayed_refs::Re
     r
 }
 
+/// What the end of a round found besides violations.
+#[derive(Clone, Copy, Debug)]
+pub struct Finish {
+    /// Refs the final drain ran.
+    pub refs: u64,
+    /// Live heap bytes of the whole process after the drain, the checks and
+    /// `reclaim()`, with the round's root, tree, oracle and adders alive.
+    pub mem_end_bytes: i64,
+}
+
 /// Drain everything left, then check at quiescence: root counters zero, no
 /// head indexed, the reserve size back at `rsv_start`, and the tree equal to
-/// `oracle`. Returns the refs the drain ran.
+/// `oracle`; then `reclaim()` and read the live heap bytes.
 pub fn finish_round<D: DelayedRefs>(
     refs: &D,
     tree: &MemExtentTree,
     oracle: &Oracle,
     rsv_start: u64,
     v: &mut Violations,
-) -> u64 {
+) -> Finish {
     let drained = match drain_all(refs, tree) {
         Ok(s) => s.refs,
         Err(e) => {
@@ -146,7 +156,8 @@ pub fn finish_round<D: DelayedRefs>(
     for s in diff.samples {
         v.note(s);
     }
-    drained
+    refs.reclaim();
+    Finish { refs: drained, mem_end_bytes: crate::alloc::live_bytes() }
 }
 
 #[cfg(test)]

@@ -17,8 +17,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a concurrent workload and check the final extent tree against an oracle.
+    ///
+    /// Also watches the live heap (the binary's counting allocator): a `mem t=..s live=.. MiB` line goes to
+    /// stderr every max(1, S/20) seconds, and the results give per implementation the peak, the live bytes
+    /// after each round's final run(All) + reclaim(), what the root still held then beyond its fresh size,
+    /// and a flatness verdict (defined in the output). The verdict does not change the exit code.
     Stress(StressArgs),
-    /// Measure memory per pending ref and per head (not yet implemented).
+    /// Measure live heap bytes per pending ref and per head, and the return to baseline.
+    #[command(long_about = MEM_LONG_ABOUT)]
     Mem(MemArgs),
     /// Replay a recorded kernel trace directory against the implementations.
     Replay(ReplayCliArgs),
@@ -138,12 +144,41 @@ impl Default for StressArgs {
     }
 }
 
-/// Flags of `mem` (accepted and ignored until it is implemented).
+/// `mem --help`: what the figures mean.
+const MEM_LONG_ABOUT: &str = concat!(
+    "Measure, for each implementation, live heap bytes per pending ref and per head, and whether a root \
+     returns to its baseline once everything ran, with the binary's counting global allocator. \
+     Single-threaded. Exit code 1 if a root does not return to its baseline.\n\n",
+    "bytes: live heap bytes as requested from the global allocator (Layout::size), malloc headers and \
+     rounding not included.\n\n",
+    "bytes_per_ref: growth of live bytes while --refs refs with new keys are added to --refs/4 heads that \
+     already exist (4 keys per head), divided by --refs.\n\n",
+    "bytes_per_head: growth of live bytes while --heads new heads are created with exactly one ref each, \
+     divided by --heads, minus bytes_per_ref.\n\n",
+    "baseline_restored: live bytes and blocks after run(RunMode::All) into a fresh extent tree, reclaim() and \
+     the drop of that tree equal those read right after the root was created and warmed up (one add, \
+     run(All), reclaim() cycle).\n\n",
+    "settled_restored: the same with one more reclaim() on each side (the baseline read after a second \
+     reclaim(), the end read after a second reclaim()). Reported beside; the exit code follows \
+     baseline_restored.\n\n",
+    "The headline figures are for data refs; tree refs are reported beside them."
+);
+
+/// Flags of `mem`.
 #[derive(Clone, Debug, Args)]
 pub struct MemArgs {
-    /// Anything.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// Implementation(s) to measure.
+    #[arg(long = "impl", value_enum, default_value = "both")]
+    pub impl_choice: ImplChoice,
+    /// Refs with new keys added to existing heads, 4 per head (rounded up to a multiple of 4).
+    #[arg(long, default_value_t = 100_000)]
+    pub refs: usize,
+    /// New heads created with one ref each.
+    #[arg(long, default_value_t = 100_000)]
+    pub heads: usize,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `replay`.

@@ -1,22 +1,26 @@
 //! `delayed-refs-stress`: concurrent stress workloads checked against an
-//! oracle, trace replay, and (later) memory measurement, for the delayed-refs
+//! oracle, trace replay, and memory measurement, for the delayed-refs
 //! implementations.
 //!
 //! ```text
 //! delayed-refs-stress stress [--impl lockfree|locked|both] [--workload spread|drain|hot|add-only|wide|mixed]
 //!                            [--threads N] [--runners M] [--seconds S] [--heads K] [--seed X] [--json]
 //! delayed-refs-stress replay <run-dir> [--impl lockfree|locked|both] [--threads N] [--runners M] [--json]
-//! delayed-refs-stress mem
+//! delayed-refs-stress mem [--impl lockfree|locked|both] [--refs R] [--heads H] [--json]
 //! ```
 //!
 //! Exit codes: 0 all checks passed, 1 a violation, 2 a usage error or an
 //! implementation that is not available.
 
-#![forbid(unsafe_code)]
+// Only the global allocator (`alloc`) needs unsafe code.
+#![deny(unsafe_code)]
 
+mod alloc;
 mod check;
 mod cli;
 mod impls;
+mod mem;
+mod memwatch;
 mod oracle;
 mod progress;
 mod replay;
@@ -34,10 +38,7 @@ fn main() {
     let code = match cli.command {
         None => stress::run(&cli::StressArgs::default()),
         Some(Command::Stress(args)) => stress::run(&args),
-        Some(Command::Mem(_)) => {
-            eprintln!("mem: not yet implemented");
-            2
-        }
+        Some(Command::Mem(args)) => mem::run(&args),
         Some(Command::Replay(a)) => replay::run(&replay::ReplayArgs {
             run_dir: a.run_dir,
             impl_name: a.impl_choice.as_str().to_string(),

@@ -21,6 +21,11 @@ impl Progress {
         Progress { enabled: !json && std::io::stderr().is_terminal() }
     }
 
+    /// Whether bars are drawn.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// A bar for a phase of about `length` (in milliseconds of wall time).
     pub fn phase(&self, label: &str, length: Duration) -> ProgressBar {
         if !self.enabled {

@@ -3,16 +3,97 @@
 
 use serde::Serialize;
 
+use hdrhistogram::Histogram;
+
 use crate::check::Violations;
+use crate::memwatch::Flatness;
 use crate::stats::{RoundResult, new_histogram};
 
-/// The rounds one implementation ran.
+/// One finished round, without its histogram (merged into [`ImplRun`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RoundRecord {
+    /// Ops counted for throughput.
+    pub ops: u64,
+    /// Throughput.
+    pub ops_per_sec: f64,
+    /// Min/max per-thread ops.
+    pub fairness: f64,
+    /// Merged refs applied.
+    pub refs_run: u64,
+    /// Live heap bytes after the final run(All) and reclaim().
+    pub mem_end_bytes: i64,
+    /// Bytes the root held beyond its fresh size at the end.
+    pub mem_root_retained_bytes: i64,
+}
+
+/// The rounds one implementation ran, folded in as they finish: a round's
+/// histogram is merged and dropped, so a long run does not keep one per
+/// round (that would make the heap grow with the run's length).
 #[derive(Debug)]
 pub struct ImplRun {
     /// Implementation name.
     pub name: &'static str,
     /// Its rounds, in run order.
-    pub rounds: Vec<RoundResult>,
+    pub rounds: Vec<RoundRecord>,
+    /// Live heap bytes after each round, once its root, tree, threads and
+    /// histogram are gone.
+    pub floors: Vec<i64>,
+    hist: Histogram<u64>,
+    tally: Violations,
+}
+
+impl ImplRun {
+    /// No round yet.
+    pub fn new(name: &'static str) -> Self {
+        ImplRun { name, rounds: Vec::new(), floors: Vec::new(), hist: new_histogram(), tally: Violations::default() }
+    }
+
+    /// Fold in a finished round (and drop it), then read the live bytes
+    /// for [`floors`](Self::floors).
+    pub fn push(&mut self, r: RoundResult) {
+        self.hist.add(&r.hist).expect("histograms share bounds");
+        self.tally.absorb(&r.violations);
+        self.rounds.push(RoundRecord {
+            ops: r.ops,
+            ops_per_sec: r.ops_per_sec(),
+            fairness: r.fairness(),
+            refs_run: r.refs_run,
+            mem_end_bytes: r.mem_end_bytes,
+            mem_root_retained_bytes: r.mem_root_retained_bytes,
+        });
+        drop(r);
+        self.floors.push(crate::alloc::live_bytes());
+    }
+
+    /// The end-of-round live bytes, in round order.
+    pub fn mem_ends(&self) -> Vec<i64> {
+        self.rounds.iter().map(|r| r.mem_end_bytes).collect()
+    }
+
+    /// The root-retained bytes, in round order.
+    pub fn mem_retained(&self) -> Vec<i64> {
+        self.rounds.iter().map(|r| r.mem_root_retained_bytes).collect()
+    }
+}
+
+/// One implementation's memory figures over its rounds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MemFigures {
+    /// Highest live heap bytes sampled (every 50 ms) while its rounds ran.
+    pub mem_peak_bytes: i64,
+    /// Live heap bytes after the final run(All) + reclaim() of its last round.
+    pub mem_end_bytes: i64,
+    /// The flatness verdict.
+    pub mem_flat: bool,
+    /// What the verdict is based on.
+    pub mem_flatness: Flatness,
+    /// Per round: live heap bytes after its final run(All) + reclaim().
+    pub mem_round_end_bytes: Vec<i64>,
+    /// Per round: live heap bytes once its root, tree and threads were gone.
+    pub mem_round_floor_bytes: Vec<i64>,
+    /// Per round: bytes the root held beyond its fresh size after the final
+    /// run(All) + reclaim() (what its drop released, less what creating it took).
+    pub mem_round_root_retained_bytes: Vec<i64>,
 }
 
 /// What the header of a report says about the run.
@@ -74,6 +155,9 @@ pub struct Summary {
     pub round_ops_per_sec: Vec<f64>,
     /// The first violations, described.
     pub violations: Vec<String>,
+    /// Memory over the run.
+    #[serde(flatten)]
+    pub mem: MemFigures,
     #[serde(skip)]
     tally: Violations,
 }
@@ -90,14 +174,10 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 impl Summary {
     /// Summarize the rounds of one implementation.
-    pub fn of(run: &ImplRun) -> Summary {
-        let mut hist = new_histogram();
-        let mut tally = Violations::default();
-        for r in &run.rounds {
-            hist.add(&r.hist).expect("histograms share bounds");
-            tally.absorb(&r.violations);
-        }
-        let round_ops_per_sec: Vec<f64> = run.rounds.iter().map(RoundResult::ops_per_sec).collect();
+    pub fn of(run: &ImplRun, mem: MemFigures) -> Summary {
+        let hist = &run.hist;
+        let tally = run.tally.clone();
+        let round_ops_per_sec: Vec<f64> = run.rounds.iter().map(|r| r.ops_per_sec).collect();
         Summary {
             impl_name: run.name,
             rounds: run.rounds.len(),
@@ -108,7 +188,7 @@ impl Summary {
             p999_ns: hist.value_at_quantile(0.999),
             lost_updates: tally.lost,
             doubled_updates: tally.doubled,
-            fairness_min_over_max: median(run.rounds.iter().map(RoundResult::fairness).collect()),
+            fairness_min_over_max: median(run.rounds.iter().map(|r| r.fairness).collect()),
             refs_run: run.rounds.iter().map(|r| r.refs_run).sum(),
             errors: tally.errors,
             flag_mismatches: tally.flag_mismatches,
@@ -116,6 +196,7 @@ impl Summary {
             rsv_leaks: tally.rsv_leaks,
             round_ops_per_sec,
             violations: tally.messages.clone(),
+            mem,
             tally,
         }
     }
@@ -132,10 +213,15 @@ pub fn ratio(locked: &ImplRun, lockfree: &ImplRun) -> Option<f64> {
         .rounds
         .iter()
         .zip(&lockfree.rounds)
-        .filter(|(a, _)| a.ops_per_sec() > 0.0)
-        .map(|(a, b)| b.ops_per_sec() / a.ops_per_sec())
+        .filter(|(a, _)| a.ops_per_sec > 0.0)
+        .map(|(a, b)| b.ops_per_sec / a.ops_per_sec)
         .collect();
     (!ratios.is_empty()).then(|| median(ratios))
+}
+
+/// Bytes as MiB.
+fn mib(b: i64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
 }
 
 /// All implementations' violations together.
@@ -209,6 +295,27 @@ pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratio: 
     for name in unavailable {
         out.push_str(&format!("{name:<9} unavailable: {}\n", crate::impls::unavailable_message(name)));
     }
+    if !sums.is_empty() {
+        out.push_str(&format!(
+            "{:<9} {:>8} {:>8} {:>13} {:>12} {:>14} {:>14} {:>6}\n",
+            "impl", "peak_MiB", "end_MiB", "retained_KiB", "end_grow_KiB", "floor_grow_KiB", "growing_rounds", "mem"
+        ));
+        for s in sums {
+            let f = &s.mem.mem_flatness;
+            out.push_str(&format!(
+                "{:<9} {:>8.1} {:>8.1} {:>13.1} {:>12.1} {:>14.1} {:>14} {:>6}\n",
+                s.impl_name,
+                mib(s.mem.mem_peak_bytes),
+                mib(s.mem.mem_end_bytes),
+                f.max_root_retained_bytes as f64 / 1024.0,
+                f.end_growth_bytes as f64 / 1024.0,
+                f.floor_growth_bytes as f64 / 1024.0,
+                format!("{}/{}", f.rounds_growing, f.rounds_checked),
+                if s.mem.mem_flat { "flat" } else { "GROWS" }
+            ));
+        }
+        out.push_str(&format!("({})\n", crate::memwatch::FLAT_DEFINITION));
+    }
     match ratio {
         Some(Some(r)) => out.push_str(&format!("ratio lockfree/locked (median of rounds): {r:.3}\n")),
         Some(None) => out.push_str("ratio lockfree/locked: n/a\n"),
@@ -232,18 +339,19 @@ mod tests {
     fn json_has_the_contract_fields() {
         let h =
             Header { workload: "spread", threads: 2, runners: 1, seconds: 1.0, heads: 10, keys: 1, rounds: 1, seed: 7 };
-        let run = ImplRun {
-            name: "locked",
-            rounds: vec![RoundResult {
-                ops: 10,
-                secs: 1.0,
-                hist: new_histogram(),
-                per_thread_ops: vec![5, 5],
-                refs_run: 0,
-                violations: Violations::default(),
-            }],
-        };
-        let sums = vec![Summary::of(&run)];
+        let mut run = ImplRun::new("locked");
+        run.push(RoundResult {
+            ops: 10,
+            secs: 1.0,
+            hist: new_histogram(),
+            per_thread_ops: vec![5, 5],
+            refs_run: 0,
+            violations: Violations::default(),
+            mem_end_bytes: 3 << 20,
+            mem_root_retained_bytes: 0,
+        });
+        let mem = MemFigures { mem_peak_bytes: 4 << 20, mem_end_bytes: 3 << 20, mem_flat: true, ..Default::default() };
+        let sums = vec![Summary::of(&run, mem)];
         let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &["lockfree"], Some(None))).unwrap();
         for k in ["workload", "threads", "runners", "seconds", "results", "ratio_lockfree_over_locked"] {
             assert!(v.get(k).is_some(), "{k}");
@@ -259,9 +367,15 @@ mod tests {
             "lost_updates",
             "doubled_updates",
             "fairness_min_over_max",
+            "mem_peak_bytes",
+            "mem_end_bytes",
+            "mem_flat",
+            "mem_flatness",
         ] {
             assert!(r.get(k).is_some(), "{k}");
         }
+        assert_eq!(r["mem_peak_bytes"], 4 << 20);
+        assert!(table(&h, &sums, &[], None).contains("peak_MiB"));
         assert_eq!(r["fairness_min_over_max"], 1.0);
         assert!(verdict_line(&total(&sums)).starts_with("verdict: OK"));
     }

@@ -65,6 +65,13 @@ pub struct RoundResult {
     pub refs_run: u64,
     /// What the end-of-round checks found.
     pub violations: Violations,
+    /// Live heap bytes after the final drain and `reclaim()`, with the
+    /// round's root and tree still alive (see `check::Finish`).
+    pub mem_end_bytes: i64,
+    /// Live heap bytes the root still held at the end of the round beyond
+    /// its fresh size (released by its drop, less what its construction
+    /// took); about 0 when drain and `reclaim()` freed everything.
+    pub mem_root_retained_bytes: i64,
 }
 
 impl RoundResult {
@@ -107,6 +114,8 @@ mod tests {
             per_thread_ops: vec![100, 200],
             refs_run: 0,
             violations: Violations::default(),
+            mem_end_bytes: 0,
+            mem_root_retained_bytes: 0,
         };
         assert_eq!(r.ops_per_sec(), 150.0);
         assert_eq!(r.fairness(), 0.5);

@@ -1,6 +1,7 @@
 //! The `stress` subcommand: resolve the parameters, run short rounds of the
 //! selected implementations interleaved (locked, lockfree, locked, ...),
-//! report medians and a verdict.
+//! report medians and a verdict, and watch the live heap meanwhile
+//! ([`crate::memwatch`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,8 +10,9 @@ use indicatif::ProgressBar;
 
 use crate::cli::{ImplChoice, StressArgs, WorkloadKind};
 use crate::impls::{self, ImplVisitor};
+use crate::memwatch::{self, MemWatch};
 use crate::progress::Progress;
-use crate::report::{self, Header, ImplRun, Summary};
+use crate::report::{self, Header, ImplRun, MemFigures, Summary};
 use crate::stats::RoundResult;
 use crate::workloads::{self, Params};
 
@@ -39,6 +41,11 @@ impl ImplVisitor for RoundVisitor<'_> {
     fn visit<D: DelayedRefs>(self) -> RoundResult {
         workloads::run_round::<D>(self.params, self.seed, self.bar)
     }
+}
+
+/// How often `stress` prints a `mem` line: every max(1, S/20) seconds.
+fn mem_interval(seconds: f64) -> Duration {
+    Duration::from_secs_f64((seconds / 20.0).max(1.0))
 }
 
 /// Check the flags and fill in per-workload defaults.
@@ -115,19 +122,42 @@ pub fn run(args: &StressArgs) -> i32 {
         return EXIT_USAGE;
     }
     let progress = Progress::new(args.json);
-    let mut runs: Vec<ImplRun> = avail.iter().map(|&name| ImplRun { name, rounds: Vec::new() }).collect();
+    let mut runs: Vec<ImplRun> = avail.iter().map(|&name| ImplRun::new(name)).collect();
+    let expected = Duration::from_secs_f64(args.seconds * runs.len() as f64);
+    let watch = MemWatch::start(runs.len(), expected, mem_interval(args.seconds), progress.enabled());
     for r in 0..header.rounds {
         let seed = header.seed.wrapping_add((r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for run in &mut runs {
+        for (i, run) in runs.iter_mut().enumerate() {
             let label = format!("{} {} {}/{}", run.name, header.workload, r + 1, header.rounds);
             let bar = progress.phase(&label, params.round);
+            watch.enter(i, run.name, r + 1, header.rounds, &bar);
             let v = RoundVisitor { params: &params, seed, bar: &bar };
             let res = impls::with_impl(run.name, v).expect("only available implementations are run");
+            watch.leave();
             bar.finish_with_message(if res.violations.is_ok() { "ok" } else { "FAIL" });
-            run.rounds.push(res);
+            run.push(res);
         }
     }
-    let sums: Vec<Summary> = runs.iter().map(Summary::of).collect();
+    let seen = watch.finish();
+    let sums: Vec<Summary> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, run)| {
+            let (ends, retained) = (run.mem_ends(), run.mem_retained());
+            let rm = memwatch::RoundMem { ends: &ends, floors: &run.floors, retained: &retained };
+            let flatness = memwatch::flatness(&seen.series, i, rm);
+            let mem = MemFigures {
+                mem_peak_bytes: seen.peaks[i].max(ends.iter().copied().max().unwrap_or(0)),
+                mem_end_bytes: ends.last().copied().unwrap_or(0),
+                mem_flat: flatness.flat,
+                mem_flatness: flatness,
+                mem_round_end_bytes: ends,
+                mem_round_floor_bytes: run.floors.clone(),
+                mem_round_root_retained_bytes: retained,
+            };
+            Summary::of(run, mem)
+        })
+        .collect();
     let ratio = (args.impl_choice == ImplChoice::Both).then(|| {
         let find = |n: &str| runs.iter().find(|r| r.name == n);
         find("locked").zip(find("lockfree")).and_then(|(a, b)| report::ratio(a, b))

@@ -64,7 +64,7 @@ fn drain<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, runner_stats: &mut [Thr
 
 /// One round of the drain workload.
 pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundResult {
-    let refs = D::new(delayed_refs::FsConfig::default());
+    let (refs, fresh) = super::new_root::<D>();
     let tree = MemExtentTree::new();
     let rsv_start = rsv_size(&refs);
     let per_thread = (p.heads / p.threads).max(1);
@@ -91,6 +91,17 @@ pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundR
     for a in &adders {
         a.expect(&mut oracle);
     }
-    let final_refs = finish_round(&refs, &tree, &oracle, rsv_start, &mut v);
-    RoundResult { ops: drained, secs, hist, per_thread_ops: per_runner, refs_run: drained + final_refs, violations: v }
+    let fin = finish_round(&refs, &tree, &oracle, rsv_start, &mut v);
+    let mut res = RoundResult {
+        ops: drained,
+        secs,
+        hist,
+        per_thread_ops: per_runner,
+        refs_run: drained + fin.refs,
+        violations: v,
+        mem_end_bytes: fin.mem_end_bytes,
+        mem_root_retained_bytes: 0,
+    };
+    res.mem_root_retained_bytes = super::retire_root(refs, fresh);
+    res
 }

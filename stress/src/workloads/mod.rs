@@ -3,7 +3,7 @@
 
 mod drain;
 mod harness;
-mod ops;
+pub mod ops;
 mod runner;
 mod shared;
 mod slots;
@@ -15,6 +15,7 @@ use std::time::Duration;
 use delayed_refs::{DelayedRefs, FsConfig, MemExtentTree, TransHandle};
 use indicatif::ProgressBar;
 
+use crate::alloc;
 use crate::check::{Violations, finish_round, rsv_size};
 use crate::cli::WorkloadKind;
 use crate::oracle::Oracle;
@@ -72,12 +73,29 @@ pub fn run_round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> Ro
     }
 }
 
+/// A fresh root and the live heap bytes its construction took.
+pub(crate) fn new_root<D: DelayedRefs>() -> (D, i64) {
+    let before = alloc::live_bytes();
+    let refs = D::new(FsConfig::default());
+    let fresh = alloc::live_bytes() - before;
+    (refs, fresh)
+}
+
+/// Drop `refs`, built by [`new_root`] with `fresh` bytes, and return how
+/// many bytes more than that its drop released: what the root still held
+/// beyond its fresh size (about 0 after a full drain and `reclaim()`).
+pub(crate) fn retire_root<D: DelayedRefs>(refs: D, fresh: i64) -> i64 {
+    let before = alloc::live_bytes();
+    drop(refs);
+    before - alloc::live_bytes() - fresh
+}
+
 /// `hot` and `wide`: allocate the shared extents, then run the adders on them.
 fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &ProgressBar) -> RoundResult {
-    let refs = D::new(FsConfig::default());
+    let (refs, fresh) = new_root::<D>();
     let tree = MemExtentTree::new();
     let rsv_start = rsv_size(&refs);
-    match shared::setup(&refs, &tree, p.heads) {
+    let mut res = match shared::setup(&refs, &tree, p.heads) {
         Ok((heads, base)) => {
             let adders = (0..p.threads).map(|t| shared::SharedAdder::new(t, &heads, window, seed)).collect();
             run_adders(p, base, adders, &refs, &tree, rsv_start, bar)
@@ -92,17 +110,23 @@ fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &Prog
                 per_thread_ops: Vec::new(),
                 refs_run: 0,
                 violations,
+                mem_end_bytes: alloc::live_bytes(),
+                mem_root_retained_bytes: 0,
             }
         }
-    }
+    };
+    res.mem_root_retained_bytes = retire_root(refs, fresh);
+    res
 }
 
 /// Run `adders` on a fresh root and tree.
 fn fresh_round<D: DelayedRefs, A: Adder>(p: &Params, adders: Vec<A>, bar: &ProgressBar) -> RoundResult {
-    let refs = D::new(FsConfig::default());
+    let (refs, fresh) = new_root::<D>();
     let tree = MemExtentTree::new();
     let rsv_start = rsv_size(&refs);
-    run_adders(p, Oracle::new(), adders, &refs, &tree, rsv_start, bar)
+    let mut res = run_adders(p, Oracle::new(), adders, &refs, &tree, rsv_start, bar);
+    res.mem_root_retained_bytes = retire_root(refs, fresh);
+    res
 }
 
 /// The timed phase with `p.runners` runners, then the end-of-round checks
@@ -126,13 +150,15 @@ fn run_adders<D: DelayedRefs, A: Adder>(
         a.expect(&mut oracle);
     }
     bar.set_message("checking");
-    let final_refs = finish_round(refs, tree, &oracle, rsv_start, &mut v);
+    let fin = finish_round(refs, tree, &oracle, rsv_start, &mut v);
     RoundResult {
         ops: per_thread_ops.iter().sum(),
         secs: out.secs,
         hist,
         per_thread_ops,
-        refs_run: per_runner.iter().sum::<u64>() + final_refs,
+        refs_run: per_runner.iter().sum::<u64>() + fin.refs,
         violations: v,
+        mem_end_bytes: fin.mem_end_bytes,
+        mem_root_retained_bytes: 0,
     }
 }
