@@ -206,7 +206,9 @@ impl Head {
     /// Returns how many live (not killed) nodes it unlinked.
     pub(crate) fn unlink_nodes(&self, map: &NodeMap, guard: &Guard) -> usize {
         debug_assert!(self.state.is_closed());
-        self.nodes(map, guard).filter(|n| !count::is_dead(n.value().count.load(Ordering::Relaxed)) && n.remove()).count()
+        self.nodes(map, guard)
+            .filter(|n| !count::is_dead(n.value().count.load(Ordering::Relaxed)) && n.remove())
+            .count()
     }
 
     /// Merge an update into the extent op (spec §3.6 step 4).
