@@ -10,7 +10,7 @@
 //! Two implementations share the domain model and the [`DelayedRefs`] trait:
 //!
 //! - [`LockFreeRefs`]: heads in a lock-free skiplist reclaimed by an owned
-//!   epoch collector, per-head atomic ref lists, CAS-loop reserves;
+//!   epoch collector, per-key atomic ref counts, CAS-loop reserves;
 //! - [`LockedRefs`]: a faithful port of the kernel's locking (root lock,
 //!   head lock, head run token). It is the oracle for differential tests and
 //!   the baseline every benchmark reports a ratio against.

@@ -6,7 +6,6 @@
 //! | `> 0` | that many ADDs | merged | merged, or dropped at 1 | CAS `v → 0` in the add phase |
 //! | `0` | no node | created (ADD) | created (DROP) | nothing |
 //! | `< 0` | that many DROPs | merged, or dropped at -1 | merged | CAS `v → 0` in the drop phase |
-//!
 //! | `DEAD` (and below) | unlinked by the runner | refused: retry into a fresh node | refused | nothing |
 //!
 //! Every change is one RMW, so the old value tells exactly one thread about

@@ -7,7 +7,7 @@
 //! keyed by [`NodeIx`] = (bytenr, head generation, node key): a head's nodes
 //! are one contiguous range, walked in the order of spec §2.1. A head carries
 //! no list of its own (a crossbeam `SkipList` is ~512 bytes inline before its
-//! first entry, which made each head cost ~770 bytes). The generation is
+//! first entry, which made each head cost ~640 bytes inline). The generation is
 //! unique per head object, so a head created after its bytenr's previous head
 //! was retired never meets that head's leftover (zero) nodes, which the
 //! retiring runner unlinks after closing.
@@ -16,8 +16,9 @@
 //! negative = DROPs, zero = no node. Every add call is `fetch_add(±1)`
 //! (spec §3.7 with ref_mod 1: "decrement, never flip"), so an action flip
 //! always passes through zero, and the old value of the RMW tells exactly
-//! what happened (see [`Transition`]). Nodes are never unlinked from a live
-//! head; a zero node is "absent" and is freed with the head.
+//! what happened (see [`Transition`]). A zero node is "absent"; the claiming
+//! runner kills and unlinks zero nodes as it passes them (module `count`),
+//! and unlinks whatever is left when it retires the head.
 //!
 //! # Synchronization
 //!

@@ -5,8 +5,11 @@
 //! - Heads live inline in a `crossbeam_skiplist::base::SkipList<u64, Head>`
 //!   reclaimed by the root's own epoch collector; hot paths use guards, never
 //!   refcounted lookups, and never replace a head (BRIEF §4).
-//! - Each head has a lifecycle word (module `state`) and a nested skiplist of ref
-//!   nodes with signed atomic counts (module `head`).
+//! - Each head has a lifecycle word (module `state`); its ref nodes, with
+//!   signed atomic counts, live in one root-level skiplist of all nodes keyed
+//!   by (bytenr, head generation, key) (modules `head`, `count`).
+//! - The index-level lifecycle steps are written once against an internal
+//!   trait (module `index`), so loom and Miri can run them on a mock index.
 //! - Reserves are [`crate::AtomicCell`]s (128-bit CAS loops); counters are striped.
 //! - Qgroup records (off by default) sit in a small mutex-protected map:
 //!   insert-if-absent per bytenr is all they need (L10), and they are off the

@@ -261,7 +261,6 @@ impl DelayedRefs for LockFreeRefs {
         api::validate_extent_op(bytenr, num_bytes)?;
         let upd = HeadUpdate::for_extent_op(bytenr, num_bytes, op);
         self.add_inner(trans, upd, None, None)?;
-        self.fs.reserves.update_delayed_refs_rsv(trans);
         crate::trace_head!(add, bytenr, num_bytes, Action::UpdateHead, false);
         Ok(())
     }
@@ -370,7 +369,6 @@ impl DelayedRefs for LockFreeRefs {
                     stats.nodes += 1;
                 }
             }
-            head.extent_op.swap(None);
             let w0 = head.state.load();
             if head.has_refs(&self.nodes, &guard) {
                 self.unselect(head);
@@ -378,6 +376,8 @@ impl DelayedRefs for LockFreeRefs {
             }
             match self.retire(&e, w0, &guard) {
                 Some((mir, _)) => {
+                    // Closed: no adder can merge into the op any more; drop it.
+                    head.extent_op.swap(None);
                     stats.heads += 1;
                     if mir {
                         let nb = head.num_bytes.load(Ordering::Acquire);

@@ -182,15 +182,23 @@ fn unreachable_dead() -> ! {
 
 /// The merge pass on a metadata head (spec §3.10), by the claiming runner.
 fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
-    let seq = refs.fs.seq.lowest_seq();
     let mut groups: Vec<Vec<(NodeKey, &super::head::RefNode)>> = Vec::new();
     for n in head.nodes(&refs.nodes, guard) {
         let k = n.key().key;
-        if (seq == 0 || k.seq < seq) && count::peek(&n.value().count) != 0 {
+        if count::peek(&n.value().count) != 0 {
             match groups.last_mut() {
                 Some(g) if comp_refs(&g[0].0, &k, false) == std::cmp::Ordering::Equal => g.push((k, n.value())),
                 _ => groups.push(vec![(k, n.value())]),
             }
+        }
+    }
+    // The seq barrier is read after the walk (spec §3.11): a blocker that
+    // registered during the walk holds back every node added after it, and
+    // those nodes carry a seq at or above its own, so they are filtered here.
+    let seq = refs.fs.seq.lowest_seq();
+    if seq != 0 {
+        for g in &mut groups {
+            g.retain(|(k, _)| k.seq < seq);
         }
     }
     for g in groups.into_iter().filter(|g| g.len() >= 2) {
