@@ -261,8 +261,10 @@ pub trait DelayedRefs: Send + Sync + Sized {
 
     /// Free memory that runs and cleanups retired, once no reader can still
     /// hold it. Call at a quiescent point (no thread inside an operation) to
-    /// bring the structure back to its baseline allocation; while other
-    /// threads are inside an operation it frees what it can and returns.
+    /// bring the structure back to its baseline allocation, give or take the
+    /// epoch collector's fixed bookkeeping (one garbage-queue block of about
+    /// 2 KiB, which does not grow with the work); while other threads are
+    /// inside an operation it frees what it can and returns.
     ///
     /// Memory that *another live thread* retired sits in that thread's private
     /// batch until the thread calls [`release_thread`](Self::release_thread),

@@ -88,8 +88,9 @@ pub(crate) fn peek(count: &AtomicI64) -> i64 {
     if is_dead(v) { 0 } else { v }
 }
 
-/// Kill a zero node (only the runner that claimed its head does this): true
-/// if the node was 0 and is now dead; the caller then unlinks it.
+/// Kill a zero node: true if the node was 0 and is now dead; the caller
+/// then unlinks it. The claiming runner kills the zero nodes it passes; an
+/// adder kills a zero node whose level is not its own (re-allocation).
 #[cfg_attr(dref_loom, allow(dead_code))]
 pub(crate) fn try_kill(count: &AtomicI64) -> bool {
     // AcqRel: ordered with adders' RMWs on the same word; an adder whose

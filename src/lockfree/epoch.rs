@@ -52,16 +52,6 @@ impl Epoch {
         })
     }
 
-    /// Advance the epoch and run deferred frees until every bag queued so
-    /// far is collected (each flush collects a bounded number of bags, and an
-    /// object needs two epoch advances).
-    pub(crate) fn flush_all(&self) {
-        let handle = self.collector.register();
-        for _ in 0..256 {
-            handle.pin().flush();
-        }
-    }
-
     /// Collect retired memory at a quiescent point. `retired` is how many
     /// objects were retired since the last call: each flush publishes this
     /// thread's batch and collects a bounded number of batches (crossbeam

@@ -169,12 +169,20 @@ impl Head {
     }
 
     /// Apply one signed change to the node `key` (insert or merge, §3.7).
-    /// A node the runner killed meanwhile is helped out of the map and the
-    /// change retried into a fresh node (module `count`).
+    /// A node killed meanwhile is helped out of the map and the change
+    /// retried into a fresh node (module `count`). Adders, and the runner
+    /// when it puts counts back or folds a merge, all come through here.
     pub(crate) fn change_node(&self, map: &NodeMap, key: NodeKey, delta: i64, level: u8, guard: &Guard) -> Transition {
         let ix = self.ix(key);
         let old = loop {
             let res = match map.get(&ix, guard) {
+                // A zero node is absent: one left with another level (a tree
+                // block re-allocated at a new level, §3.6 step 3) must not
+                // lend the new ref its old level. Kill it and start fresh.
+                Some(e) if e.value().level != level && count::try_kill(&e.value().count) => {
+                    e.remove();
+                    continue;
+                }
                 Some(e) => count::change(&e.value().count, delta).map_err(|_| e.remove()),
                 None => {
                     let e = map.get_or_insert_with(ix, || RefNode { count: AtomicI64::new(0), level }, guard);

@@ -65,10 +65,11 @@ impl std::fmt::Debug for LockFreeRefs {
 
 impl Drop for LockFreeRefs {
     fn drop(&mut self) {
-        // Retired heads and nodes wait in the collector's garbage. Collect
-        // it now (no thread can be pinned on this root: we hold `&mut self`)
-        // so dropping the root frees everything deterministically.
-        self.epoch.flush_all();
+        // The lists free their live entries when their fields drop; what
+        // runs and cleanups retired is freed with the collector (the last
+        // handle to it goes with the last thread that cached one). Nothing
+        // retired holds the collector, so there is no cycle to break; drop
+        // this thread's cached handle so the collector can go now.
         self.epoch.forget_local();
     }
 }

@@ -78,9 +78,11 @@ enum Take {
 }
 
 /// Take one node's count and run it (spec §3.16.4 steps 1-9).
+#[allow(clippy::too_many_arguments)]
 fn take_and_run<B: ExtentTree + ?Sized>(
     refs: &LockFreeRefs,
     backend: &B,
+    guard: &Guard,
     head: &Head,
     key: NodeKey,
     node: &super::head::RefNode,
@@ -107,8 +109,12 @@ fn take_and_run<B: ExtentTree + ?Sized>(
         }
         head.ref_mod.fetch_sub(v, Ordering::AcqRel);
         refs.counters.num_entries.add(-1);
-        let mir = head.must_insert_reserved.swap(false, Ordering::AcqRel);
-        let op = head.extent_op.swap(None);
+        // Cheap loads first: the swaps are RMWs (and an ArcSwap write) that
+        // most refs do not need. A flag or op set right after these loads
+        // stays on the head for the next ref or the leftover-op step.
+        let mir = head.must_insert_reserved.load(Ordering::Acquire)
+            && head.must_insert_reserved.swap(false, Ordering::AcqRel);
+        let op = if head.extent_op.load().is_some() { head.extent_op.swap(None) } else { None };
         let action = if v > 0 { Action::Add } else { Action::Drop };
         let num_bytes = head.num_bytes.load(Ordering::Acquire);
         let run = RefRun {
@@ -126,10 +132,9 @@ fn take_and_run<B: ExtentTree + ?Sized>(
         let res = backend.apply_ref(&run);
         if let Err(e) = res {
             // Put everything back: nothing queued may be lost.
-            // The node is the one just taken from; only this runner kills
-            // nodes and it has not killed this one.
-            let Ok(old) = count::change(&node.count, v) else { unreachable_dead() };
-            match Transition::of(old, old + v) {
+            // Through change_node: an adder may have killed the emptied
+            // node meanwhile (re-allocation at another level).
+            match head.change_node(&refs.nodes, key, v, node.level, guard) {
                 Transition::Created => refs.counters.num_entries.add(1),
                 Transition::Merged => {
                     refs.fs.reserves.delayed_refs_rsv_release(1, 0);
@@ -139,9 +144,6 @@ fn take_and_run<B: ExtentTree + ?Sized>(
                     refs.fs.reserves.delayed_refs_rsv_release(2, 0);
                 }
                 Transition::None => {}
-            }
-            if old <= 0 && old + v > 0 {
-                head.add_epoch.fetch_add(1, Ordering::Release);
             }
             head.ref_mod.fetch_add(v, Ordering::AcqRel);
             if mir {
@@ -171,13 +173,6 @@ fn kill_if_zero(refs: &LockFreeRefs, n: &super::head::NodeEntry<'_>) {
         n.remove();
         refs.counters.retired.add(1);
     }
-}
-
-/// A dead node where the protocol rules one out. Only the claiming runner
-/// kills nodes; reaching this is a bug in this module, not bad input.
-#[cold]
-fn unreachable_dead() -> ! {
-    panic!("delayed-refs: a node this runner holds was killed (lock-free run-side bug)")
 }
 
 /// The merge pass on a metadata head (spec §3.10), by the claiming runner.
@@ -217,11 +212,8 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
                 refs.fs.reserves.delayed_refs_rsv_release(1, 0);
             }
         }
-        let survivor = g[s].1;
-        // Only this runner kills nodes, and it killed none since it read
-        // the survivor non-zero: the change cannot meet a dead node.
-        let Ok(old) = count::change(&survivor.count, moved) else { unreachable_dead() };
-        match Transition::of(old, old + moved) {
+        let (survivor_key, survivor) = g[s];
+        match head.change_node(&refs.nodes, survivor_key, moved, survivor.level, guard) {
             Transition::Created => {
                 refs.counters.num_entries.add(1);
                 let c = refs.fs.reserves.geometry().delayed_ref_bytes(1);
@@ -232,9 +224,6 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
                 refs.fs.reserves.delayed_refs_rsv_release(1, 0);
             }
             Transition::Merged | Transition::None => {}
-        }
-        if old <= 0 && old + moved > 0 {
-            head.add_epoch.fetch_add(1, Ordering::Release);
         }
     }
 }
@@ -260,7 +249,7 @@ fn run_head<B: ExtentTree + ?Sized>(
                 if !want_add && head.add_epoch.load(Ordering::Acquire) != epoch0 {
                     continue 'outer;
                 }
-                match take_and_run(refs, backend, head, n.key().key, n.value(), want_add, &mut stats) {
+                match take_and_run(refs, backend, guard, head, n.key().key, n.value(), want_add, &mut stats) {
                     Ok(Take::Nothing) => kill_if_zero(refs, &n),
                     Ok(Take::Ran) => {
                         ran = true;
