@@ -40,8 +40,8 @@ use std::time::Instant;
 
 use common::*;
 use delayed_refs::{
-    Action, DelayedRefs, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, ExtentItem, ExtentOp, FlushMode, FsConfig,
-    GenericRef, HeadSnapshot, MemExtentTree, NodeKey, RefKey, RunMode, TransHandle,
+    Action, DelayedRefs, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, ExtentItem, ExtentOp, FsConfig, GenericRef,
+    HeadSnapshot, MemExtentTree, NodeKey, RefKey, RunMode, TransHandle,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -91,29 +91,26 @@ impl HeadWant {
 struct Storm<'a, D: DelayedRefs> {
     refs: &'a D,
     rng: StdRng,
-    h: Option<TransHandle>,
-    in_batch: u64,
+    h: common::RenewingHandle,
     adds: u64,
     want: HashMap<u64, HeadWant>,
 }
 
 impl<'a, D: DelayedRefs> Storm<'a, D> {
     fn new(refs: &'a D, seed: u64) -> Self {
-        Storm { refs, rng: StdRng::seed_from_u64(seed), h: None, in_batch: 0, adds: 0, want: HashMap::new() }
+        Storm {
+            refs,
+            rng: StdRng::seed_from_u64(seed),
+            h: common::RenewingHandle::default(),
+            adds: 0,
+            want: HashMap::new(),
+        }
     }
 
     /// The handle, renewed every 64 calls (start/end transaction, §3.20.10).
     fn handle(&mut self) -> &mut TransHandle {
-        let r = &self.refs.fs().reserves;
-        if self.in_batch >= 64 {
-            if let Some(h) = self.h.take() {
-                r.end_transaction(h).unwrap();
-            }
-            self.in_batch = 0;
-        }
-        self.in_batch += 1;
         self.adds += 1;
-        self.h.get_or_insert_with(|| r.start_transaction(8, FlushMode::FlushAll).unwrap())
+        self.h.get(&self.refs.fs().reserves)
     }
 
     fn head(&mut self, bytenr: u64, is_data: bool, num_bytes: u64, level: u8, owning_root: u64) -> &mut HeadWant {
@@ -162,9 +159,7 @@ impl<'a, D: DelayedRefs> Storm<'a, D> {
     }
 
     fn finish(mut self) -> HashMap<u64, HeadWant> {
-        if let Some(h) = self.h.take() {
-            self.refs.fs().reserves.end_transaction(h).unwrap();
-        }
+        self.h.finish(&self.refs.fs().reserves);
         self.want
     }
 }

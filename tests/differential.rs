@@ -301,15 +301,7 @@ impl Ext {
     }
 
     fn bump(&mut self, key: RefKey, action: Action) {
-        let c = self.counts.entry(key).or_insert(0);
-        if action == Action::Drop {
-            *c -= 1;
-            if *c == 0 {
-                self.counts.remove(&key);
-            }
-        } else {
-            *c += 1;
-        }
+        common::bump(&mut self.counts, key, action);
     }
 }
 

@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::*;
 use delayed_refs::{
-    Action, DelayedRefs, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, ExtentOp, FlushMode, FsConfig, MemExtentTree,
-    RefKey, RunMode, TransHandle,
+    Action, DelayedRefs, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, ExtentOp, FsConfig, MemExtentTree, RefKey, RunMode,
+    TransHandle,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -70,15 +70,7 @@ impl Want {
     }
 
     fn bump(&mut self, key: RefKey, action: Action) {
-        let c = self.counts.entry(key).or_insert(0);
-        if action == Action::Drop {
-            *c -= 1;
-            if *c == 0 {
-                self.counts.remove(&key);
-            }
-        } else {
-            *c += 1;
-        }
+        common::bump(&mut self.counts, key, action);
     }
 }
 
@@ -88,8 +80,7 @@ struct Adder<'a, D: DelayedRefs> {
     refs: &'a D,
     tree: &'a MemExtentTree,
     rng: StdRng,
-    h: Option<TransHandle>,
-    in_batch: u64,
+    h: common::RenewingHandle,
     ops: u64,
     /// Every private extent ever allocated (freed ones have no refs left).
     own: BTreeMap<u64, Want>,
@@ -111,8 +102,7 @@ impl<'a, D: DelayedRefs> Adder<'a, D> {
             refs,
             tree,
             rng: StdRng::seed_from_u64(seed ^ (t * 0x9E37_79B9)),
-            h: None,
-            in_batch: 0,
+            h: common::RenewingHandle::default(),
             ops: 0,
             own: BTreeMap::new(),
             data_slots: [None; DATA_SLOTS],
@@ -127,16 +117,8 @@ impl<'a, D: DelayedRefs> Adder<'a, D> {
 
     /// The handle, renewed every 64 operations (start/end transaction, §3.20.10).
     fn handle(&mut self) -> &mut TransHandle {
-        let r = &self.refs.fs().reserves;
-        if self.in_batch >= 64 {
-            if let Some(h) = self.h.take() {
-                r.end_transaction(h).unwrap();
-            }
-            self.in_batch = 0;
-        }
-        self.in_batch += 1;
         self.ops += 1;
-        self.h.get_or_insert_with(|| r.start_transaction(8, FlushMode::FlushAll).unwrap())
+        self.h.get(&self.refs.fs().reserves)
     }
 
     fn add_data(&mut self, action: Action, bytenr: u64, root: u64, ino: u64, parent: u64) {
@@ -315,9 +297,7 @@ impl<'a, D: DelayedRefs> Adder<'a, D> {
     }
 
     fn finish(mut self) -> Self {
-        if let Some(h) = self.h.take() {
-            self.refs.fs().reserves.end_transaction(h).unwrap();
-        }
+        self.h.finish(&self.refs.fs().reserves);
         self
     }
 }

@@ -49,8 +49,8 @@ use std::time::Instant;
 
 use common::*;
 use delayed_refs::{
-    Action, DelayedRefs, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, ExtentOp, FlushMode, FsConfig, MemExtentTree,
-    RefKey, RunMode, TransHandle,
+    Action, DelayedRefs, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, ExtentOp, FsConfig, MemExtentTree, RefKey, RunMode,
+    TransHandle,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -94,15 +94,7 @@ impl Want {
     }
 
     fn bump(&mut self, key: RefKey, action: Action) {
-        let c = self.counts.entry(key).or_insert(0);
-        if action == Action::Drop {
-            *c -= 1;
-            if *c == 0 {
-                self.counts.remove(&key);
-            }
-        } else {
-            *c += 1;
-        }
+        common::bump(&mut self.counts, key, action);
     }
 }
 
@@ -113,8 +105,7 @@ struct Adder<'a, D: DelayedRefs> {
     tree: &'a MemExtentTree,
     pubs: &'a [Pub],
     rng: StdRng,
-    h: Option<TransHandle>,
-    in_batch: u64,
+    h: common::RenewingHandle,
     ops: u64,
     slots: [Option<u64>; SLOTS],
     /// Every extent this adder allocated (freed ones have no refs left).
@@ -128,16 +119,8 @@ struct Adder<'a, D: DelayedRefs> {
 impl<'a, D: DelayedRefs> Adder<'a, D> {
     /// The handle, renewed every 64 calls (start/end transaction, §3.20.10).
     fn handle(&mut self) -> &mut TransHandle {
-        let r = &self.refs.fs().reserves;
-        if self.in_batch >= 64 {
-            if let Some(h) = self.h.take() {
-                r.end_transaction(h).unwrap();
-            }
-            self.in_batch = 0;
-        }
-        self.in_batch += 1;
         self.ops += 1;
-        self.h.get_or_insert_with(|| r.start_transaction(8, FlushMode::FlushAll).unwrap())
+        self.h.get(&self.refs.fs().reserves)
     }
 
     /// Data key `j` of the extent in `slot`.
@@ -312,9 +295,7 @@ impl<'a, D: DelayedRefs> Adder<'a, D> {
     }
 
     fn finish(mut self) -> Self {
-        if let Some(h) = self.h.take() {
-            self.refs.fs().reserves.end_transaction(h).unwrap();
-        }
+        self.h.finish(&self.refs.fs().reserves);
         self
     }
 }
@@ -380,8 +361,7 @@ fn drain_round<D: DelayedRefs>(seed: u64, ops_per_adder: u64) {
                         tree,
                         pubs,
                         rng: StdRng::seed_from_u64(seed ^ (t + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-                        h: None,
-                        in_batch: 0,
+                        h: common::RenewingHandle::default(),
                         ops: 0,
                         slots: [None; SLOTS],
                         own: BTreeMap::new(),

@@ -363,3 +363,46 @@ pub fn check_empty<D: DelayedRefs>(refs: &D) {
     assert_eq!(rs.delayed_refs.size, 0, "{}: invariant 26 delayed refs rsv size", D::NAME);
     assert_eq!(rs.delayed_refs.reserved, 0, "{}: invariant 22 reserved <= size 0", D::NAME);
 }
+
+/// One backref count of the tests' models (disk plus queued): `Drop` takes
+/// one away and forgets the key at zero, anything else adds one.
+pub fn bump(counts: &mut BTreeMap<RefKey, u64>, key: RefKey, action: Action) {
+    let c = counts.entry(key).or_insert(0);
+    if action == Action::Drop {
+        *c -= 1;
+        if *c == 0 {
+            counts.remove(&key);
+        }
+    } else {
+        *c += 1;
+    }
+}
+
+/// A transaction handle renewed every 64 uses through `start_transaction` /
+/// `end_transaction` (spec §3.20.10), as a long-running adder would.
+#[derive(Debug, Default)]
+pub struct RenewingHandle {
+    h: Option<TransHandle>,
+    in_batch: u64,
+}
+
+impl RenewingHandle {
+    /// The handle for the next call.
+    pub fn get<C: delayed_refs::PairCell>(&mut self, r: &delayed_refs::FsReserves<C>) -> &mut TransHandle {
+        if self.in_batch >= 64 {
+            if let Some(h) = self.h.take() {
+                r.end_transaction(h).unwrap();
+            }
+            self.in_batch = 0;
+        }
+        self.in_batch += 1;
+        self.h.get_or_insert_with(|| r.start_transaction(8, delayed_refs::FlushMode::FlushAll).unwrap())
+    }
+
+    /// End the current transaction, if any.
+    pub fn finish<C: delayed_refs::PairCell>(&mut self, r: &delayed_refs::FsReserves<C>) {
+        if let Some(h) = self.h.take() {
+            r.end_transaction(h).unwrap();
+        }
+    }
+}
