@@ -61,7 +61,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::signed;
 use delayed_refs::{
     Action, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, DiskKey, Error, ExtentInfo, ExtentItem,
     ExtentOp, FlushMode, FsConfig, GenericRef, HeadOutcome, HeadSnapshot, LockFreeRefs, LockedRefs, MemExtentTree,
@@ -570,15 +569,7 @@ impl Case {
         for (i, e) in self.m.iter().enumerate() {
             let head = heads.get(&e.bytenr);
             let disk = v.items.get(&e.bytenr).map(|it| it.backrefs.clone()).unwrap_or_default();
-            let mut keys: BTreeSet<RefKey> = e.counts.keys().copied().collect();
-            keys.extend(disk.keys().copied());
-            if let Some(h) = head {
-                keys.extend(h.nodes.iter().map(|n| n.key.key));
-            }
-            for k in keys {
-                let queued: i64 = head.iter().flat_map(|h| h.nodes.iter()).filter(|n| n.key.key == k).map(signed).sum();
-                let have = disk.get(&k).copied().unwrap_or(0) as i64 + queued;
-                let want = e.counts.get(&k).copied().unwrap_or(0) as i64;
+            for (k, have, want) in common::disk_plus_queued(&e.counts, &disk, head.copied()) {
                 ensure!(
                     have == want,
                     "{name}: invariant 12: {k:?} of {:#x}: disk+queued {have}, model {want}",

@@ -453,20 +453,8 @@ fn check_step<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, m: &mut Model, ste
         }
         // Invariants 12 and 18: disk + queued per key, and the reader's view.
         let disk = tree.item(e.bytenr).map(|i| i.backrefs).unwrap_or_default();
-        let mut keys: BTreeSet<RefKey> = e.counts.keys().copied().collect();
-        keys.extend(disk.keys().copied());
-        if let Some(h) = head {
-            keys.extend(h.nodes.iter().map(|n| n.key.key));
-        }
-        for k in keys {
-            let queued: i64 = head.iter().flat_map(|h| h.nodes.iter()).filter(|n| n.key.key == k).map(signed).sum();
-            let have = disk.get(&k).copied().unwrap_or(0) as i64 + queued;
-            assert_eq!(
-                have,
-                e.counts.get(&k).copied().unwrap_or(0) as i64,
-                "step {step}: invariant 12 {k:?} at {:#x}",
-                e.bytenr
-            );
+        for (k, have, want) in common::disk_plus_queued(&e.counts, &disk, head.copied()) {
+            assert_eq!(have, want, "step {step}: invariant 12 {k:?} at {:#x}", e.bytenr);
         }
         let seen = refs.lookup_extent_info(tree, e.bytenr).map(|i| i.refs).unwrap_or(0);
         assert_eq!(seen, e.total(), "step {step}: invariant 18 lookup at {:#x}", e.bytenr);

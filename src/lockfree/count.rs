@@ -15,7 +15,8 @@
 //! A zero node is "absent", but it still occupies the node map. So that a
 //! head that never empties (a hot head with adders always in flight) does
 //! not accumulate every key it ever saw, the claiming runner kills zero
-//! nodes: CAS `0 → DEAD`, then unlinks them. An adder that finds a dead node
+//! nodes: CAS `0 → DEAD`, then unlinks them (an adder does the same to a
+//! zero node left with another level). An adder that finds a dead node
 //! (its RMW returned a dead value) made no change that counts: it helps
 //! unlink the node and retries into a fresh one. `DEAD` is `-2^62`, so the
 //! ±1 changes of late adders can neither wrap it nor bring it near a live

@@ -216,6 +216,8 @@ impl Head {
     pub(crate) fn unlink_nodes(&self, map: &NodeMap, guard: &Guard) -> usize {
         debug_assert!(self.state.is_closed());
         self.nodes(map, guard)
+            // Relaxed: the head is closed, the count no longer changes; the
+            // load only keeps killed nodes out of the retired tally.
             .filter(|n| !count::is_dead(n.value().count.load(Ordering::Relaxed)) && n.remove())
             .count()
     }

@@ -110,7 +110,8 @@ fn take_and_run<B: ExtentTree + ?Sized>(
         head.ref_mod.fetch_sub(v, Ordering::AcqRel);
         refs.counters.num_entries.add(-1);
         // Cheap loads first: the swaps are RMWs (and an ArcSwap write) that
-        // most refs do not need. A flag or op set right after these loads
+        // most refs do not need. Acquire: pairs with the adder's Release
+        // store of the flag (add path, §3.6 step 3). A flag or op set right after these loads
         // stays on the head for the next ref or the leftover-op step.
         let mir = head.must_insert_reserved.load(Ordering::Acquire)
             && head.must_insert_reserved.swap(false, Ordering::AcqRel);
@@ -321,6 +322,7 @@ fn run_head<B: ExtentTree + ?Sized>(
         }
         stats.bytes_released += released;
         stats.heads_deleted += 1;
+        // Relaxed: a trace field; the head is closed and its size final.
         crate::trace_head!(run, head.bytenr, head.num_bytes.load(Ordering::Relaxed), crate::Action::Add, head.is_data);
         return Ok((HeadOutcome::Deleted, stats));
     }

@@ -274,6 +274,24 @@ pub fn signed(n: &delayed_refs::NodeSnapshot) -> i64 {
     }
 }
 
+/// Invariant 12 for one extent: for every backref key the model, the disk
+/// item or the head mentions, `(disk + queued, model)` counts.
+pub fn disk_plus_queued(
+    model: &BTreeMap<RefKey, u64>,
+    disk: &BTreeMap<RefKey, u64>,
+    head: Option<&HeadSnapshot>,
+) -> Vec<(RefKey, i64, i64)> {
+    let mut keys: std::collections::BTreeSet<RefKey> = model.keys().chain(disk.keys()).copied().collect();
+    keys.extend(head.iter().flat_map(|h| h.nodes.iter()).map(|n| n.key.key));
+    keys.into_iter()
+        .map(|k| {
+            let queued: i64 = head.iter().flat_map(|h| h.nodes.iter()).filter(|n| n.key.key == k).map(signed).sum();
+            let have = disk.get(&k).copied().unwrap_or(0) as i64 + queued;
+            (k, have, model.get(&k).copied().unwrap_or(0) as i64)
+        })
+        .collect()
+}
+
 /// `K(L(num_bytes))`: the csum-deletion reservation of one data head.
 pub fn csum_rsv(g: &Geometry, num_bytes: u64) -> u64 {
     g.csum_bytes(g.csum_leaves(num_bytes))
