@@ -11,7 +11,7 @@
 //! real implementation calls unchanged.
 
 use loom::sync::Arc;
-use loom::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use loom::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use loom::thread;
 
 use crate::domain::geometry::Geometry;
@@ -186,6 +186,77 @@ fn loom_kill_vs_add() {
             assert_eq!(n, 0, "a dead node reads as a count");
             assert_eq!(count::take_all(&node), 0, "take_all revived a dead node");
         }
+    });
+}
+
+/// Late ADD vs claim (adds before drops, module `lockfree::head`): an adder
+/// makes a node an ADD while a runner claims the head and scans it. Either
+/// the runner's add scan (after its claim) sees the ADD, or the adder left a
+/// marker before leaving, and a runner that sees the `add_epoch` bump also
+/// sees the marker. Replacing `exit_noting` by a load of the word followed
+/// by a plain `exit` makes this model fail (a claim slips in between and the
+/// scan reads the node's old value).
+#[test]
+fn loom_late_add_vs_claim() {
+    loom::model(|| {
+        let h = Arc::new(HeadState::new());
+        let node = Arc::new(AtomicI64::new(0));
+        let mark = Arc::new(AtomicI64::new(0));
+        let epoch = Arc::new(AtomicU64::new(0));
+        h.enter().unwrap();
+        h.exit();
+        let a = {
+            let (h, node, mark, epoch) = (h.clone(), node.clone(), mark.clone(), epoch.clone());
+            thread::spawn(move || {
+                h.enter().unwrap();
+                let old = count::change(&node, 1).unwrap();
+                assert_eq!(Transition::of(old, old + 1), Transition::Created);
+                h.exit_noting(|| {
+                    count::change(&mark, 1).unwrap();
+                    epoch.fetch_add(1, Ordering::Release);
+                });
+            })
+        };
+        assert!(h.try_claim());
+        // The add scan, then one look before a drop.
+        let scanned = count::peek(&node) > 0;
+        let bumped = epoch.load(Ordering::Acquire) != 0;
+        if bumped {
+            assert!(count::peek(&mark) > 0, "add_epoch moved but the marker is not visible");
+        }
+        a.join().unwrap();
+        assert!(scanned || count::peek(&mark) > 0, "a late ADD the add scan missed left no marker");
+    });
+}
+
+/// Marker drain vs a new note (module `lockfree::head`): the runner takes a
+/// stale marker's notes, looks at the node, then kills the marker, while an
+/// adder makes the node an ADD and notes it at the same key (`fresh` is the
+/// marker its retry inserts if it meets the dead one). Afterwards either the
+/// runner took the ADD or a live marker still names it.
+#[test]
+fn loom_marker_drain_vs_note() {
+    loom::model(|| {
+        let node = Arc::new(AtomicI64::new(0));
+        let mark = Arc::new(AtomicI64::new(1));
+        let fresh = Arc::new(AtomicI64::new(0));
+        let a = {
+            let (node, mark, fresh) = (node.clone(), mark.clone(), fresh.clone());
+            thread::spawn(move || {
+                count::change(&node, 1).unwrap();
+                if count::change(&mark, 1).is_err() {
+                    count::change(&fresh, 1).unwrap();
+                }
+            })
+        };
+        count::take_all(&mark);
+        let v = count::peek(&node);
+        let taken = v > 0 && count::try_take(&node, v);
+        count::try_kill(&mark);
+        a.join().unwrap();
+        let marked = count::peek(&mark) > 0 || count::peek(&fresh) > 0;
+        assert!(taken || marked, "the ADD was neither run nor marked");
+        assert_eq!(taken as i64 + count::peek(&node), 1, "the ADD was lost or doubled");
     });
 }
 

@@ -347,6 +347,38 @@ fn adds_run_before_drops<D: DelayedRefs>() {
         assert_eq!(tree.inner.item(X).unwrap().backrefs[&k], 1);
         check_empty(&refs);
     }
+    // D: an ADD queued while the runner is in its drop phase, under a key
+    // the drop walk has already passed, runs before the next drop (§2.3,
+    // §5.18: the kernel takes the add list first at every selection; the
+    // lock-free runner finds it through its late-ADD marker). Without it the
+    // three drops would free the extent and the add would fail.
+    {
+        let refs = D::new(FsConfig::default());
+        let tree = Recording::new(MemExtentTree::new());
+        load_item(&tree.inner, X, TREE_NB, false, &[(t(5), 1), (t(6), 1), (t(7), 1)]);
+        let mut h = TransHandle::new();
+        for root in [5, 6, 7] {
+            add(&refs, &mut h, &tref(Action::Drop, X, root, 0));
+        }
+        let late = Mutex::new(Some(TransHandle::new()));
+        let hooked = Hooked {
+            inner: &tree,
+            hook: Box::new(|run: &delayed_refs::RefRun<'_>| {
+                if run.action == Action::Drop
+                    && let Some(mut h2) = late.lock().unwrap().take()
+                {
+                    add(&refs, &mut h2, &tref(Action::Add, X, 3, 0));
+                }
+            }),
+        };
+        refs.run(&hooked, RunMode::All).unwrap();
+        assert_eq!(
+            order(&tree.runs()),
+            vec![(Action::Drop, t(5)), (Action::Add, t(3)), (Action::Drop, t(6)), (Action::Drop, t(7))]
+        );
+        assert_eq!(tree.inner.item(X).map(|i| i.refs), Some(1));
+        check_empty(&refs);
+    }
 }
 
 /// The delayed-refs reserve grows by `C(n)` per new node plus `K(L)` per data

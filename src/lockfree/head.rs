@@ -4,8 +4,9 @@
 //! # Implementation details
 //!
 //! The nodes of every head live in one root-level skiplist, the [`NodeMap`],
-//! keyed by [`NodeIx`] = (bytenr, head generation, node key): a head's nodes
-//! are one contiguous range, walked in the order of spec §2.1. A head carries
+//! keyed by [`NodeIx`] = (bytenr, head generation and range tag, node key): a
+//! head's nodes are one contiguous range, walked in the order of spec §2.1.
+//! Just before it lies the head's *late-ADD marker* range (see below). A head carries
 //! no list of its own (a crossbeam `SkipList` is ~512 bytes inline before its
 //! first entry, which made each head cost ~640 bytes inline). The generation is
 //! unique per head object, so a head created after its bytenr's previous head
@@ -19,6 +20,24 @@
 //! what happened (see [`Transition`]). A zero node is "absent"; the claiming
 //! runner kills and unlinks zero nodes as it passes them (module `count`),
 //! and unlinks whatever is left when it retires the head.
+//!
+//! # Late-ADD markers (adds before drops, spec §2.3, §5.18)
+//!
+//! The kernel keeps a list of a head's ADD nodes so the runner finds the
+//! next ADD in O(1). Here the claiming runner first walks the whole node
+//! range taking ADDs (its add scan), then walks it again taking DROPs. An
+//! ADD created after the claim is the only kind the add scan can miss; its
+//! adder leaves a marker: an entry at the same key in the marker range whose
+//! count is the number of such notes, and then bumps `add_epoch`. Before
+//! each drop the runner compares `add_epoch` with the value it last drained
+//! at (one load) and, when it moved, runs the ADDs the markers name, each
+//! found by key. A late ADD thus costs O(log n), never a rescan, and an ADD
+//! created while no runner holds the head costs nothing extra (the next
+//! claimant's add scan finds it). Markers use the same count protocol as
+//! nodes (module `count`): the runner takes a marker's count, runs the
+//! node, then kills the marker (0 → DEAD) and unlinks it; a marker noted
+//! again in between survives the kill and is visited again. Whether an
+//! adder notes is decided by `HeadState::exit_noting`.
 //!
 //! # Synchronization
 //!
@@ -47,14 +66,20 @@ use crate::domain::key::NodeKey;
 use crate::domain::kind::Action;
 use crate::sync::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
-/// Where a node lives in the [`NodeMap`]: its head's bytenr and generation,
-/// then its key (field order = sort order).
+/// Where a node lives in the [`NodeMap`]: its head's bytenr, then its
+/// `slot` = head generation `<< 1 |` range tag ([`MARK_TAG`] or
+/// [`NODE_TAG`]), then its key (field order = sort order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct NodeIx {
     pub bytenr: u64,
-    pub generation: u64,
+    pub slot: u64,
     pub key: NodeKey,
 }
+
+/// The range tag of late-ADD markers (sorted before the head's nodes).
+const MARK_TAG: u64 = 0;
+/// The range tag of ref nodes.
+const NODE_TAG: u64 = 1;
 
 /// The smallest node key of spec §2.1's order (lowest type, zero fields and seq).
 const MIN_KEY: NodeKey = NodeKey { key: crate::domain::key::RefKey::TreeBlock { root: 0 }, seq: 0 };
@@ -65,11 +90,20 @@ pub(crate) type NodeMap = SkipList<NodeIx, RefNode>;
 /// An entry of the [`NodeMap`].
 pub(crate) type NodeEntry<'g> = Entry<'g, 'g, NodeIx, RefNode>;
 
-/// The nodes of one head, in key order (zero nodes included).
+/// The entries of one head's range in key order (zero entries included):
+/// its nodes, its markers, or both (`slot_shift` 0 compares the exact slot,
+/// 1 compares the generation only).
 pub(crate) struct HeadNodes<'g> {
     cur: Option<NodeEntry<'g>>,
     bytenr: u64,
-    generation: u64,
+    slot: u64,
+    slot_shift: u32,
+}
+
+impl HeadNodes<'_> {
+    fn owns(&self, n: &NodeEntry<'_>) -> bool {
+        n.key().bytenr == self.bytenr && n.key().slot >> self.slot_shift == self.slot >> self.slot_shift
+    }
 }
 
 impl<'g> Iterator for HeadNodes<'g> {
@@ -77,8 +111,7 @@ impl<'g> Iterator for HeadNodes<'g> {
 
     fn next(&mut self) -> Option<NodeEntry<'g>> {
         let cur = self.cur.take()?;
-        let (bytenr, generation) = (self.bytenr, self.generation);
-        self.cur = cur.next().filter(|n| n.key().bytenr == bytenr && n.key().generation == generation);
+        self.cur = cur.next().filter(|n| self.owns(n));
         Some(cur)
     }
 }
@@ -103,7 +136,39 @@ fn next_gen() -> u64 {
     })
 }
 
-/// One ref node's mutable part.
+/// Add `delta` to the entry at `ix`, inserting it if absent; returns the old
+/// count. A dead entry is helped out of the map and the change retried into
+/// a fresh one (module `count`). With `level`, a zero entry left with
+/// another level is killed first: a tree block re-allocated at a new level
+/// (§3.6 step 3) must not take its old level from a leftover node.
+/// `likely_new` skips the plain lookup and goes straight to the insert's own
+/// search (one search instead of two when the entry is usually absent; the
+/// insert returns a refcounted entry, which costs two RMWs when present).
+fn change_entry(map: &NodeMap, ix: NodeIx, delta: i64, level: Option<u8>, likely_new: bool, guard: &Guard) -> i64 {
+    loop {
+        let found = if likely_new { None } else { map.get(&ix, guard) };
+        let res = match found {
+            Some(e) if level.is_some_and(|l| e.value().level != l) && count::try_kill(&e.value().count) => {
+                e.remove();
+                continue;
+            }
+            Some(e) => count::change(&e.value().count, delta).map_err(|_| e.remove()),
+            None => {
+                let level = level.unwrap_or(0);
+                let e = map.get_or_insert_with(ix, || RefNode { count: AtomicI64::new(0), level }, guard);
+                let res = count::change(&e.value().count, delta).map_err(|_| e.remove(guard));
+                e.release(guard);
+                res
+            }
+        };
+        match res {
+            Ok(old) => return old,
+            Err(_) => crate::sync::spin_hint(),
+        }
+    }
+}
+
+/// One ref node's mutable part (markers use `count` only).
 #[derive(Debug)]
 pub(crate) struct RefNode {
     pub count: AtomicI64,
@@ -126,8 +191,8 @@ pub(crate) struct Head {
     pub owning_root: AtomicU64,
     pub must_insert_reserved: AtomicBool,
     pub extent_op: ArcSwapOption<ExtentOp>,
-    /// Bumped whenever a node becomes an ADD (0 → positive): the runner's
-    /// drop phase restarts its add phase when it moves (adds before drops).
+    /// Bumped after an adder noted a late ADD (a marker, see the module
+    /// docs): the runner's drop phase runs the marked ADDs when it moves.
     pub add_epoch: AtomicU64,
     /// Reader seqlock (spec §3.17): odd while a ref taken from this head is
     /// not yet applied to the backend. Only the claiming runner writes it.
@@ -156,16 +221,35 @@ impl Head {
         }
     }
 
+    fn slot(&self, tag: u64) -> u64 {
+        self.generation << 1 | tag
+    }
+
     fn ix(&self, key: NodeKey) -> NodeIx {
-        NodeIx { bytenr: self.bytenr, generation: self.generation, key }
+        NodeIx { bytenr: self.bytenr, slot: self.slot(NODE_TAG), key }
+    }
+
+    fn range<'g>(&self, map: &'g NodeMap, tag: u64, slot_shift: u32, guard: &'g Guard) -> HeadNodes<'g> {
+        let start = NodeIx { bytenr: self.bytenr, slot: self.slot(tag), key: MIN_KEY };
+        let mut it = HeadNodes { cur: None, bytenr: self.bytenr, slot: self.slot(tag), slot_shift };
+        let first = map.lower_bound(Bound::Included(&start), guard).filter(|n| it.owns(n));
+        it.cur = first;
+        it
     }
 
     /// This head's nodes in `map`, in key order.
     pub(crate) fn nodes<'g>(&self, map: &'g NodeMap, guard: &'g Guard) -> HeadNodes<'g> {
-        let cur = map
-            .lower_bound(Bound::Included(&self.ix(MIN_KEY)), guard)
-            .filter(|n| n.key().bytenr == self.bytenr && n.key().generation == self.generation);
-        HeadNodes { cur, bytenr: self.bytenr, generation: self.generation }
+        self.range(map, NODE_TAG, 0, guard)
+    }
+
+    /// This head's late-ADD markers in `map`, in key order.
+    pub(crate) fn markers<'g>(&self, map: &'g NodeMap, guard: &'g Guard) -> HeadNodes<'g> {
+        self.range(map, MARK_TAG, 0, guard)
+    }
+
+    /// The node `key` of this head, if it is in `map` (zero nodes included).
+    pub(crate) fn node<'g>(&self, map: &'g NodeMap, key: NodeKey, guard: &'g Guard) -> Option<NodeEntry<'g>> {
+        map.get(&self.ix(key), guard)
     }
 
     /// Apply one signed change to the node `key` (insert or merge, §3.7).
@@ -173,35 +257,18 @@ impl Head {
     /// retried into a fresh node (module `count`). Adders, and the runner
     /// when it puts counts back or folds a merge, all come through here.
     pub(crate) fn change_node(&self, map: &NodeMap, key: NodeKey, delta: i64, level: u8, guard: &Guard) -> Transition {
-        let ix = self.ix(key);
-        let old = loop {
-            let res = match map.get(&ix, guard) {
-                // A zero node is absent: one left with another level (a tree
-                // block re-allocated at a new level, §3.6 step 3) must not
-                // lend the new ref its old level. Kill it and start fresh.
-                Some(e) if e.value().level != level && count::try_kill(&e.value().count) => {
-                    e.remove();
-                    continue;
-                }
-                Some(e) => count::change(&e.value().count, delta).map_err(|_| e.remove()),
-                None => {
-                    let e = map.get_or_insert_with(ix, || RefNode { count: AtomicI64::new(0), level }, guard);
-                    let res = count::change(&e.value().count, delta).map_err(|_| e.remove(guard));
-                    e.release(guard);
-                    res
-                }
-            };
-            match res {
-                Ok(old) => break old,
-                Err(_) => crate::sync::spin_hint(),
-            }
-        };
-        let new = old + delta;
-        if old <= 0 && new > 0 {
-            // Release: pairs with the runner's Acquire load in its drop phase.
-            self.add_epoch.fetch_add(1, Ordering::Release);
-        }
-        Transition::of(old, new)
+        let old = change_entry(map, self.ix(key), delta, Some(level), false, guard);
+        Transition::of(old, old + delta)
+    }
+
+    /// Note a late ADD at `key` (see the module docs): called by the adder
+    /// that made the node an ADD, still inside, while a runner holds the head.
+    pub(crate) fn note_late_add(&self, map: &NodeMap, key: NodeKey, guard: &Guard) {
+        let ix = NodeIx { bytenr: self.bytenr, slot: self.slot(MARK_TAG), key };
+        change_entry(map, ix, 1, None, true, guard);
+        // Release: after the marker is in the map; pairs with the runner's
+        // Acquire load of add_epoch before each drop, which then finds it.
+        self.add_epoch.fetch_add(1, Ordering::Release);
     }
 
     /// Whether any node is non-zero.
@@ -209,13 +276,14 @@ impl Head {
         self.nodes(map, guard).any(|n| count::peek(&n.value().count) != 0)
     }
 
-    /// Unlink every node of a closed head (all zero: the close CAS proved no
-    /// adder entered after the emptiness check). Their memory goes through
-    /// the epoch like the head's.
-    /// Returns how many live (not killed) nodes it unlinked.
+    /// Unlink every node and marker of a closed head (nodes all zero: the
+    /// close CAS proved no adder entered after the emptiness check; markers
+    /// are only noted by adders inside, so none comes later). Their memory
+    /// goes through the epoch like the head's.
+    /// Returns how many live (not killed) entries it unlinked.
     pub(crate) fn unlink_nodes(&self, map: &NodeMap, guard: &Guard) -> usize {
         debug_assert!(self.state.is_closed());
-        self.nodes(map, guard)
+        self.range(map, MARK_TAG, 1, guard)
             // Relaxed: the head is closed, the count no longer changes; the
             // load only keeps killed nodes out of the retired tally.
             .filter(|n| !count::is_dead(n.value().count.load(Ordering::Relaxed)) && n.remove())

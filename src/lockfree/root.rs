@@ -156,12 +156,16 @@ impl LockFreeRefs {
                 }
             }
         }
+        let mut became_add = None;
         if let Some((key, action, level)) = node {
             let delta = if action == Action::Add { 1 } else { -1 };
             match head.change_node(&self.nodes, key, delta, level, &guard) {
                 Transition::Created => {
                     self.counters.num_entries.add(1);
                     trans.delayed_ref_updates += 1;
+                    if delta > 0 {
+                        became_add = Some(key);
+                    }
                 }
                 Transition::Merged => out.merged = true,
                 Transition::Dropped => {
@@ -172,7 +176,13 @@ impl LockFreeRefs {
                 Transition::None => {}
             }
         }
-        head.state.exit();
+        match became_add {
+            // A runner that claimed the head before this exit may be past
+            // this key in its add scan: leave it a late-ADD marker (module
+            // `head`, adds before drops).
+            Some(key) => head.state.exit_noting(|| head.note_late_add(&self.nodes, key, &guard)),
+            None => head.state.exit(),
+        }
         drop(guard);
         // §3.20.3, after publishing (spec §5.12: size may wrap meanwhile).
         self.fs.reserves.update_delayed_refs_rsv(trans);

@@ -8,9 +8,11 @@
 //! - Taking a ref: `compare_exchange(v, 0)` on the node's count from the value
 //!   just read; a concurrent merge makes it fail and the runner re-reads, so a
 //!   ref whose sign changes while being taken is neither lost nor run twice.
-//! - Adds before drops: the drop phase re-reads `add_epoch` (`Acquire`, pairs
-//!   with the adders' `Release` bump) before each drop and restarts the add
-//!   phase when a node became an ADD meanwhile.
+//! - Adds before drops: the add scan walks the head after the claim; an ADD
+//!   created after the claim leaves a marker (module `head`). Before each
+//!   drop the runner re-reads `add_epoch` (`Acquire`, pairs with the
+//!   `Release` bump after the marker insert) and, when it moved, runs the
+//!   marked ADDs by key before going on: no rescan of the head.
 //! - Readers: `run_seq` is odd from before a take until after the backend
 //!   applied it; the take's `AcqRel` RMWs order the odd value before the
 //!   `ref_mod` change a reader may observe.
@@ -166,7 +168,94 @@ fn take_and_run<B: ExtentTree + ?Sized>(
     }
 }
 
-/// Kill and unlink a node that reads 0, so a head that stays busy does
+/// What visiting one node did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Visit {
+    Nothing,
+    Ran,
+    /// Held back by a seq blocker: the head is unselected, stop.
+    HeldBack,
+}
+
+impl Visit {
+    /// Record a run in `ran`; true if the head was held back.
+    fn note(self, ran: &mut bool) -> bool {
+        *ran |= self == Visit::Ran;
+        self == Visit::HeldBack
+    }
+}
+
+/// Take and run `n` if it has the wanted sign, then kill it if it reads 0.
+/// Unselects the head when it is held back or the backend fails.
+#[allow(clippy::too_many_arguments)]
+fn visit<B: ExtentTree + ?Sized>(
+    refs: &LockFreeRefs,
+    backend: &B,
+    guard: &Guard,
+    head: &Head,
+    n: &super::head::NodeEntry<'_>,
+    want_add: bool,
+    stats: &mut RunStats,
+) -> Result<Visit> {
+    match take_and_run(refs, backend, guard, head, n.key().key, n.value(), want_add, stats) {
+        Ok(Take::Nothing) => {
+            kill_if_zero(refs, n);
+            Ok(Visit::Nothing)
+        }
+        Ok(Take::Ran) => {
+            kill_if_zero(refs, n);
+            Ok(Visit::Ran)
+        }
+        Ok(Take::HeldBack) => {
+            refs.unselect(head);
+            stats.held_back += 1;
+            Ok(Visit::HeldBack)
+        }
+        Err(err) => {
+            refs.unselect(head);
+            Err(err)
+        }
+    }
+}
+
+/// Run the ADDs that adders marked since `seen` (module `head`, late-ADD
+/// markers): one load when nothing was marked.
+fn run_late_adds<B: ExtentTree + ?Sized>(
+    refs: &LockFreeRefs,
+    backend: &B,
+    guard: &Guard,
+    head: &Head,
+    seen: &mut u64,
+    stats: &mut RunStats,
+) -> Result<Visit> {
+    // Acquire: pairs with `note_late_add`'s Release bump, made after its
+    // marker was in the map.
+    let epoch = head.add_epoch.load(Ordering::Acquire);
+    if epoch == *seen {
+        return Ok(Visit::Nothing);
+    }
+    *seen = epoch;
+    let mut out = Visit::Nothing;
+    for m in head.markers(&refs.nodes, guard) {
+        // Consume the notes first, then look at the node: the adder changed
+        // the node before noting, so the AcqRel take that reads its note
+        // also sees its ADD. A note made after the take keeps the marker
+        // alive through the kill below; its adder bumped `add_epoch` after
+        // noting, so the next look comes back for it.
+        count::take_all(&m.value().count);
+        if let Some(n) = head.node(&refs.nodes, m.key().key, guard) {
+            match visit(refs, backend, guard, head, &n, true, stats)? {
+                Visit::HeldBack => return Ok(Visit::HeldBack),
+                Visit::Ran => out = Visit::Ran,
+                Visit::Nothing => {}
+            }
+        }
+        kill_if_zero(refs, &m);
+    }
+    Ok(out)
+}
+
+/// Kill and unlink a node (or marker) that reads 0, so a head that stays busy does
 /// not keep every key it ever saw (module `count`).
 fn kill_if_zero(refs: &LockFreeRefs, n: &super::head::NodeEntry<'_>) {
     if count::try_kill(&n.value().count) {
@@ -243,30 +332,27 @@ fn run_head<B: ExtentTree + ?Sized>(
             merge_pass(refs, head, guard);
         }
         let mut ran = false;
-        // Acquire: pairs with the adders' Release bump (adds before drops).
-        let epoch0 = head.add_epoch.load(Ordering::Acquire);
-        for want_add in [true, false] {
-            for n in head.nodes(&refs.nodes, guard) {
-                if !want_add && head.add_epoch.load(Ordering::Acquire) != epoch0 {
-                    continue 'outer;
-                }
-                match take_and_run(refs, backend, guard, head, n.key().key, n.value(), want_add, &mut stats) {
-                    Ok(Take::Nothing) => kill_if_zero(refs, &n),
-                    Ok(Take::Ran) => {
-                        ran = true;
-                        kill_if_zero(refs, &n);
-                    }
-                    Ok(Take::HeldBack) => {
-                        refs.unselect(head);
-                        stats.held_back += 1;
-                        return Ok((HeadOutcome::HeldBack, stats));
-                    }
-                    Err(err) => {
-                        refs.unselect(head);
-                        return Err(err);
-                    }
-                }
+        // Acquire: pairs with `note_late_add`'s Release bump. Markers noted
+        // before this load name ADDs the add scan below finds anyway; they
+        // are drained (as no-ops) at the first drop.
+        let mut seen = head.add_epoch.load(Ordering::Acquire).wrapping_sub(1);
+        // Add scan: every ADD whose adder left before the claim (or before
+        // this pass) is in the range; later ones are marked.
+        for n in head.nodes(&refs.nodes, guard) {
+            if visit(refs, backend, guard, head, &n, true, &mut stats)?.note(&mut ran) {
+                return Ok((HeadOutcome::HeldBack, stats));
             }
+        }
+        // Drop scan: before each drop, the ADDs marked since the last look.
+        for n in head.nodes(&refs.nodes, guard) {
+            if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran)
+                || visit(refs, backend, guard, head, &n, false, &mut stats)?.note(&mut ran)
+            {
+                return Ok((HeadOutcome::HeldBack, stats));
+            }
+        }
+        if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran) {
+            return Ok((HeadOutcome::HeldBack, stats));
         }
         if ran {
             continue;

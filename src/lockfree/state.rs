@@ -99,6 +99,33 @@ impl HeadState {
         self.0.fetch_add(VERSION_ONE.wrapping_sub(ADDER_ONE), Ordering::Release);
     }
 
+    /// Leave as an adder that made a node an ADD (0 → positive): if a runner
+    /// holds the head at the moment of leaving, `note` runs first, still
+    /// inside, so the runner learns of the late ADD (a marker, module `head`).
+    ///
+    /// The decision and the exit are one CAS from the word that showed no
+    /// claim: if it succeeds, any later claim reads this `Release` exit and
+    /// its add scan sees the ADD; if a claim got in first, the CAS fails and
+    /// the retry sees `PROCESSING`. A plain load-then-exit would let a claim
+    /// slip between the two, and neither side would see the other (the
+    /// `loom_late_add_vs_claim` model fails on that mutation).
+    pub(crate) fn exit_noting(&self, note: impl FnOnce()) {
+        let mut w = self.0.load(Ordering::Acquire);
+        loop {
+            if w & PROCESSING != 0 {
+                note();
+                return self.exit();
+            }
+            let next = w.wrapping_add(VERSION_ONE.wrapping_sub(ADDER_ONE));
+            // Release on success: as `exit`. Acquire on failure: the retry
+            // reads the claim that made it fail.
+            match self.0.compare_exchange_weak(w, next, Ordering::Release, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(cur) => w = cur,
+            }
+        }
+    }
+
     /// Claim for running: fails if closed, unborn or already claimed.
     pub(crate) fn try_claim(&self) -> bool {
         let mut w = self.0.load(Ordering::Relaxed);
