@@ -12,15 +12,24 @@
 //! - `wide_head`: one head, every add a new distinct key.
 //! - `wide_scaling`: one thread adding N distinct keys to one head, N =
 //!   1k/10k/100k: per-add time must grow like log N, not N.
+//! - `late_adds`: one head with N queued drops, run by one thread whose
+//!   backend queues a new ADD on the same head at every drop, so each ADD
+//!   arrives while the runner is in its drop phase and must run before the
+//!   next drop (spec §2.3, §5.18), N = 1k/10k: per-ref time must not grow
+//!   like N (a runner that rescans the head for every late ADD is O(N²)).
 //!
 //! Throughput is reported per add (per ref for W2).
 
 use std::hint::black_box;
 use std::time::Duration;
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use delayed_refs::{
-    Action, DelayedRefs, FsConfig, GenericRef, LockFreeRefs, LockedRefs, MemExtentTree, RunMode, TransHandle,
+    Action, DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FsConfig, GenericRef, LockFreeRefs, LockedRefs,
+    MemExtentTree, RefRun, RunMode, TransHandle,
 };
 
 const ADDS_PER_THREAD: u64 = 4096;
@@ -138,6 +147,82 @@ fn wide_n<D: DelayedRefs>(n: u64) {
     }
 }
 
+const LATE_BYTENR: u64 = 1 << 30;
+
+/// One head whose extent holds `n` data backrefs on disk, with a drop of
+/// each queued (not timed).
+fn late_setup<D: DelayedRefs>(n: u64) -> (D, MemExtentTree) {
+    let refs = D::new(FsConfig::default());
+    let tree = MemExtentTree::new();
+    let mut h = TransHandle::new();
+    for i in 0..n {
+        let (action, reserved) = if i == 0 { (Action::AddExtent, NB) } else { (Action::Add, 0) };
+        refs.add_data_ref(&mut h, &data_ref(action, LATE_BYTENR, 257, i), reserved).unwrap();
+    }
+    refs.run(&tree, RunMode::All).unwrap();
+    for i in 0..n {
+        refs.add_data_ref(&mut h, &data_ref(Action::Drop, LATE_BYTENR, 257, i), 0).unwrap();
+    }
+    (refs, tree)
+}
+
+/// A backend that queues a new ADD on the same head before applying each
+/// drop (as COWing the extent tree queues refs while the runner runs).
+struct LateAdder<'a, D> {
+    refs: &'a D,
+    tree: &'a MemExtentTree,
+    next: AtomicU64,
+    trans: Mutex<TransHandle>,
+}
+
+impl<D: DelayedRefs> ExtentTree for LateAdder<'_, D> {
+    fn apply_ref(&self, run: &RefRun<'_>) -> Result<(), ExtentError> {
+        if run.action == Action::Drop {
+            let off = self.next.fetch_add(1, Ordering::Relaxed);
+            let r = data_ref(Action::Add, LATE_BYTENR, 258, off);
+            self.refs.add_data_ref(&mut self.trans.lock().unwrap(), &r, 0).unwrap();
+        }
+        self.tree.apply_ref(run)
+    }
+
+    fn apply_extent_op(&self, bytenr: u64, num_bytes: u64, is_data: bool, op: &ExtentOp) -> Result<(), ExtentError> {
+        self.tree.apply_extent_op(bytenr, num_bytes, is_data, op)
+    }
+
+    fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool) {
+        self.tree.pin_reserved(bytenr, num_bytes, is_data)
+    }
+
+    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
+        self.tree.lookup(bytenr)
+    }
+}
+
+/// Run the prefilled head to the end: `n` drops and `n` late adds.
+fn late_run<D: DelayedRefs>((refs, tree): (D, MemExtentTree), n: u64) -> (D, MemExtentTree) {
+    let backend =
+        LateAdder { refs: &refs, tree: &tree, next: AtomicU64::new(0), trans: Mutex::new(TransHandle::new()) };
+    refs.run(&backend, RunMode::All).unwrap();
+    assert_eq!(tree.lookup(LATE_BYTENR).map(|i| i.refs), Some(n), "every drop and late add ran");
+    drop(backend);
+    (refs, tree)
+}
+
+fn late_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("late_adds");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for n in [1_000u64, 10_000] {
+        g.throughput(Throughput::Elements(2 * n));
+        g.bench_with_input(BenchmarkId::new("locked", n), &n, |b, &n| {
+            b.iter_batched(|| late_setup::<LockedRefs>(n), |x| late_run(x, n), BatchSize::PerIteration)
+        });
+        g.bench_with_input(BenchmarkId::new("lockfree", n), &n, |b, &n| {
+            b.iter_batched(|| late_setup::<LockFreeRefs>(n), |x| late_run(x, n), BatchSize::PerIteration)
+        });
+    }
+    g.finish();
+}
+
 fn group(c: &mut Criterion, name: &str, locked: fn(u64), lockfree: fn(u64), adds: fn(u64) -> u64) {
     let mut g = c.benchmark_group(name);
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
@@ -198,6 +283,7 @@ fn bench(c: &mut Criterion) {
     group(c, "W4_add_only", add_only::<LockedRefs>, add_only::<LockFreeRefs>, every);
     group(c, "wide_head", wide::<LockedRefs>, wide::<LockFreeRefs>, every);
     scaling_group(c);
+    late_group(c);
 }
 
 criterion_group!(benches, bench);

@@ -233,7 +233,10 @@ fn loom_late_add_vs_claim() {
 /// stale marker's notes, looks at the node, then kills the marker, while an
 /// adder makes the node an ADD and notes it at the same key (`fresh` is the
 /// marker its retry inserts if it meets the dead one). Afterwards either the
-/// runner took the ADD or a live marker still names it.
+/// runner took the ADD or a live marker still names it. Two mutations make
+/// this model fail (both checked): peeking the node before taking the
+/// marker's count, and killing the marker by an unconditional swap to DEAD
+/// instead of a CAS from 0.
 #[test]
 fn loom_marker_drain_vs_note() {
     loom::model(|| {
