@@ -200,11 +200,12 @@ impl<D: DelayedRefs> ExtentTree for LateAdder<'_, D> {
 
 /// Run the prefilled head to the end: `n` drops and `n` late adds.
 fn late_run<D: DelayedRefs>((refs, tree): (D, MemExtentTree), n: u64) -> (D, MemExtentTree) {
-    let backend =
-        LateAdder { refs: &refs, tree: &tree, next: AtomicU64::new(0), trans: Mutex::new(TransHandle::new()) };
-    refs.run(&backend, RunMode::All).unwrap();
+    {
+        let next = AtomicU64::new(0);
+        let backend = LateAdder { refs: &refs, tree: &tree, next, trans: Mutex::new(TransHandle::new()) };
+        refs.run(&backend, RunMode::All).unwrap();
+    }
     assert_eq!(tree.lookup(LATE_BYTENR).map(|i| i.refs), Some(n), "every drop and late add ran");
-    drop(backend);
     (refs, tree)
 }
 
