@@ -379,6 +379,39 @@ fn adds_run_before_drops<D: DelayedRefs>() {
         assert_eq!(tree.inner.item(X).map(|i| i.refs), Some(1));
         check_empty(&refs);
     }
+    // E: metadata, a late ADD of a backref whose DROP (older seq) is still
+    // queued: the kernel merges the head after every ref (§3.10, §3.16.4
+    // step 9), so the two cancel and neither runs; running the ADD first
+    // would insert a second copy of a tree backref (§5.9). Root 257 is an
+    // fs tree, so its refs carry the tree-mod-log seq and do not merge on
+    // insert.
+    {
+        let refs = D::new(FsConfig::default());
+        let tree = Recording::new(MemExtentTree::new());
+        load_item(&tree.inner, X, TREE_NB, false, &[(t(5), 1), (t(257), 1), (t(9), 1)]);
+        let mut h = TransHandle::new();
+        drop(refs.fs().seq.register());
+        for root in [5, 257] {
+            add(&refs, &mut h, &tref(Action::Drop, X, root, 0));
+        }
+        let late = Mutex::new(Some(TransHandle::new()));
+        let hooked = Hooked {
+            inner: &tree,
+            hook: Box::new(|run: &delayed_refs::RefRun<'_>| {
+                if run.action == Action::Drop
+                    && let Some(mut h2) = late.lock().unwrap().take()
+                {
+                    drop(refs.fs().seq.register());
+                    add(&refs, &mut h2, &tref(Action::Add, X, 257, 0));
+                }
+            }),
+        };
+        refs.run(&hooked, RunMode::All).unwrap();
+        assert_eq!(order(&tree.runs()), vec![(Action::Drop, t(5))]);
+        let item = tree.inner.item(X).unwrap();
+        assert_eq!((item.refs, item.backrefs.get(&t(257)).copied()), (2, Some(1)));
+        check_empty(&refs);
+    }
 }
 
 /// The delayed-refs reserve grows by `C(n)` per new node plus `K(L)` per data

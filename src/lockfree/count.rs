@@ -107,7 +107,8 @@ pub(crate) fn try_take(count: &AtomicI64, v: i64) -> bool {
     count.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire).is_ok()
 }
 
-/// Take whatever is there (merge pass, destroy); returns it (0 for a dead node).
+/// Take whatever is there (merge pass, destroy, a marker's notes); returns it
+/// (0 for a dead entry).
 #[cfg_attr(dref_loom, allow(dead_code))]
 pub(crate) fn take_all(count: &AtomicI64) -> i64 {
     loop {

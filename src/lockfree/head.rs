@@ -179,7 +179,8 @@ pub(crate) struct RefNode {
 #[derive(Debug)]
 pub(crate) struct Head {
     pub bytenr: u64,
-    /// This head object's generation (its nodes' range in the [`NodeMap`]).
+    /// This head object's generation: its marker and node ranges in the
+    /// [`NodeMap`] are the slots `generation << 1 | tag`.
     pub generation: u64,
     pub is_data: bool,
     pub is_system: bool,
@@ -230,7 +231,18 @@ impl Head {
     }
 
     fn range<'g>(&self, map: &'g NodeMap, tag: u64, slot_shift: u32, guard: &'g Guard) -> HeadNodes<'g> {
-        let start = NodeIx { bytenr: self.bytenr, slot: self.slot(tag), key: MIN_KEY };
+        self.range_from(map, tag, MIN_KEY, slot_shift, guard)
+    }
+
+    fn range_from<'g>(
+        &self,
+        map: &'g NodeMap,
+        tag: u64,
+        from: NodeKey,
+        slot_shift: u32,
+        guard: &'g Guard,
+    ) -> HeadNodes<'g> {
+        let start = NodeIx { bytenr: self.bytenr, slot: self.slot(tag), key: from };
         let mut it = HeadNodes { cur: None, bytenr: self.bytenr, slot: self.slot(tag), slot_shift };
         let first = map.lower_bound(Bound::Included(&start), guard).filter(|n| it.owns(n));
         it.cur = first;
@@ -240,6 +252,11 @@ impl Head {
     /// This head's nodes in `map`, in key order.
     pub(crate) fn nodes<'g>(&self, map: &'g NodeMap, guard: &'g Guard) -> HeadNodes<'g> {
         self.range(map, NODE_TAG, 0, guard)
+    }
+
+    /// This head's nodes in `map` from `from` on, in key order.
+    pub(crate) fn nodes_from<'g>(&self, map: &'g NodeMap, from: NodeKey, guard: &'g Guard) -> HeadNodes<'g> {
+        self.range_from(map, NODE_TAG, from, 0, guard)
     }
 
     /// This head's late-ADD markers in `map`, in key order.

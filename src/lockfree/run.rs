@@ -31,7 +31,7 @@ use super::head::Head;
 use super::root::LockFreeRefs;
 use super::state::adders;
 use crate::api::{HeadOutcome, RunMode, RunStats};
-use crate::domain::key::{NodeKey, comp_refs};
+use crate::domain::key::{NodeKey, RefKey, comp_refs};
 use crate::domain::kind::Action;
 use crate::domain::merge::merge_run;
 use crate::error::{Error, Result};
@@ -235,7 +235,7 @@ fn run_late_adds<B: ExtentTree + ?Sized>(
         return Ok(Visit::Nothing);
     }
     *seen = epoch;
-    let mut out = Visit::Nothing;
+    let mut ran = false;
     for m in head.markers(&refs.nodes, guard) {
         // Consume the notes first, then look at the node: the adder changed
         // the node before noting, so the AcqRel take that reads its note
@@ -243,16 +243,30 @@ fn run_late_adds<B: ExtentTree + ?Sized>(
         // alive through the kill below; its adder bumped `add_epoch` after
         // noting, so the next look comes back for it.
         count::take_all(&m.value().count);
-        if let Some(n) = head.node(&refs.nodes, m.key().key, guard) {
-            match visit(refs, backend, guard, head, &n, true, stats)? {
-                Visit::HeldBack => return Ok(Visit::HeldBack),
-                Visit::Ran => out = Visit::Ran,
-                Visit::Nothing => {}
+        let key = m.key().key;
+        if head.is_data {
+            if let Some(n) = head.node(&refs.nodes, key, guard) {
+                if visit(refs, backend, guard, head, &n, true, stats)?.note(&mut ran) {
+                    return Ok(Visit::HeldBack);
+                }
+            }
+        } else {
+            // Metadata: fold the ADD with its identity's other nodes first
+            // (a pending DROP of the same backref cancels it), then run
+            // whatever ADD of that identity is left.
+            merge_identity(refs, head, key.key, guard);
+            for n in head.nodes_from(&refs.nodes, NodeKey { key: key.key, seq: 0 }, guard) {
+                if n.key().key.key.cmp_identity(&key.key) != std::cmp::Ordering::Equal {
+                    break;
+                }
+                if visit(refs, backend, guard, head, &n, true, stats)?.note(&mut ran) {
+                    return Ok(Visit::HeldBack);
+                }
             }
         }
         kill_if_zero(refs, &m);
     }
-    Ok(out)
+    Ok(if ran { Visit::Ran } else { Visit::Nothing })
 }
 
 /// Kill and unlink a node (or marker) that reads 0, so a head that stays busy does
@@ -265,9 +279,11 @@ fn kill_if_zero(refs: &LockFreeRefs, n: &super::head::NodeEntry<'_>) {
     }
 }
 
+type Group<'g> = Vec<(NodeKey, &'g super::head::RefNode)>;
+
 /// The merge pass on a metadata head (spec §3.10), by the claiming runner.
 fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
-    let mut groups: Vec<Vec<(NodeKey, &super::head::RefNode)>> = Vec::new();
+    let mut groups: Vec<Group<'_>> = Vec::new();
     for n in head.nodes(&refs.nodes, guard) {
         let k = n.key().key;
         if count::peek(&n.value().count) != 0 {
@@ -277,6 +293,29 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
             }
         }
     }
+    fold_groups(refs, head, groups, guard);
+}
+
+/// The merge pass limited to one backref identity (same `RefKey`, any seq;
+/// contiguous in §2.1 order): run before a late ADD on a metadata head, so
+/// an ADD that arrived after the pass's merge still cancels against a
+/// pending DROP of the same backref instead of running first (§3.10, §5.9).
+fn merge_identity(refs: &LockFreeRefs, head: &Head, key: RefKey, guard: &Guard) {
+    let mut g: Group<'_> = Vec::new();
+    for n in head.nodes_from(&refs.nodes, NodeKey { key, seq: 0 }, guard) {
+        let k = n.key().key;
+        if k.key.cmp_identity(&key) != std::cmp::Ordering::Equal {
+            break;
+        }
+        if count::peek(&n.value().count) != 0 {
+            g.push((k, n.value()));
+        }
+    }
+    fold_groups(refs, head, vec![g], guard);
+}
+
+/// Fold each group of same-identity nodes (read by a walk) into one node.
+fn fold_groups(refs: &LockFreeRefs, head: &Head, mut groups: Vec<Group<'_>>, guard: &Guard) {
     // The seq barrier is read after the walk (spec §3.11): a blocker that
     // registered during the walk holds back every node added after it, and
     // those nodes carry a seq at or above its own, so they are filtered here.
@@ -333,8 +372,9 @@ fn run_head<B: ExtentTree + ?Sized>(
         }
         let mut ran = false;
         // Acquire: pairs with `note_late_add`'s Release bump. Markers noted
-        // before this load name ADDs the add scan below finds anyway; they
-        // are drained (as no-ops) at the first drop.
+        // before this load name ADDs the add scan below finds anyway; the
+        // first look (before the drop scan's first node, or after the scan
+        // if the range is empty) drains them as no-ops.
         let mut seen = head.add_epoch.load(Ordering::Acquire).wrapping_sub(1);
         // Add scan: every ADD whose adder left before the claim (or before
         // this pass) is in the range; later ones are marked.
