@@ -269,6 +269,27 @@ fn order(runs: &[RunRecord]) -> Vec<(Action, RefKey)> {
     runs.iter().map(|r| (r.action, r.key)).collect()
 }
 
+/// Run everything, queueing `late` from the backend while it applies the
+/// first drop (the runner is then in its drop phase); `new_seq` first moves
+/// the tree-mod-log seq on, so `late` gets its own node.
+fn run_with_late_add<D: DelayedRefs>(refs: &D, tree: &Recording, late: &GenericRef, new_seq: bool) {
+    let pending = Mutex::new(Some(TransHandle::new()));
+    let hooked = Hooked {
+        inner: tree,
+        hook: Box::new(|run: &delayed_refs::RefRun<'_>| {
+            if run.action == Action::Drop
+                && let Some(mut h) = pending.lock().unwrap().take()
+            {
+                if new_seq {
+                    drop(refs.fs().seq.register());
+                }
+                add(refs, &mut h, late);
+            }
+        }),
+    };
+    refs.run(&hooked, RunMode::All).unwrap();
+}
+
 /// Self-test: selection returns adds before drops even when the drop sorts
 /// first (§2.4, §5.10), adds in FIFO order (§2.3), also after a merge
 /// cancelled an add and after a cancelled add was re-added.
@@ -360,18 +381,7 @@ fn adds_run_before_drops<D: DelayedRefs>() {
         for root in [5, 6, 7] {
             add(&refs, &mut h, &tref(Action::Drop, X, root, 0));
         }
-        let late = Mutex::new(Some(TransHandle::new()));
-        let hooked = Hooked {
-            inner: &tree,
-            hook: Box::new(|run: &delayed_refs::RefRun<'_>| {
-                if run.action == Action::Drop
-                    && let Some(mut h2) = late.lock().unwrap().take()
-                {
-                    add(&refs, &mut h2, &tref(Action::Add, X, 3, 0));
-                }
-            }),
-        };
-        refs.run(&hooked, RunMode::All).unwrap();
+        run_with_late_add(&refs, &tree, &tref(Action::Add, X, 3, 0), false);
         assert_eq!(
             order(&tree.runs()),
             vec![(Action::Drop, t(5)), (Action::Add, t(3)), (Action::Drop, t(6)), (Action::Drop, t(7))]
@@ -394,19 +404,7 @@ fn adds_run_before_drops<D: DelayedRefs>() {
         for root in [5, 257] {
             add(&refs, &mut h, &tref(Action::Drop, X, root, 0));
         }
-        let late = Mutex::new(Some(TransHandle::new()));
-        let hooked = Hooked {
-            inner: &tree,
-            hook: Box::new(|run: &delayed_refs::RefRun<'_>| {
-                if run.action == Action::Drop
-                    && let Some(mut h2) = late.lock().unwrap().take()
-                {
-                    drop(refs.fs().seq.register());
-                    add(&refs, &mut h2, &tref(Action::Add, X, 257, 0));
-                }
-            }),
-        };
-        refs.run(&hooked, RunMode::All).unwrap();
+        run_with_late_add(&refs, &tree, &tref(Action::Add, X, 257, 0), true);
         assert_eq!(order(&tree.runs()), vec![(Action::Drop, t(5))]);
         let item = tree.inner.item(X).unwrap();
         assert_eq!((item.refs, item.backrefs.get(&t(257)).copied()), (2, Some(1)));

@@ -62,7 +62,7 @@ use super::count::{self, Transition};
 use super::state::HeadState;
 use crate::api::{HeadSnapshot, NodeSnapshot};
 use crate::domain::extent_op::ExtentOp;
-use crate::domain::key::NodeKey;
+use crate::domain::key::{NodeKey, RefKey};
 use crate::domain::kind::Action;
 use crate::sync::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
@@ -254,9 +254,16 @@ impl Head {
         self.range(map, NODE_TAG, 0, guard)
     }
 
-    /// This head's nodes in `map` from `from` on, in key order.
-    pub(crate) fn nodes_from<'g>(&self, map: &'g NodeMap, from: NodeKey, guard: &'g Guard) -> HeadNodes<'g> {
-        self.range_from(map, NODE_TAG, from, 0, guard)
+    /// This head's nodes of one backref identity (same `RefKey`, any seq:
+    /// contiguous in §2.1 order), in key order.
+    pub(crate) fn identity_nodes<'g>(
+        &self,
+        map: &'g NodeMap,
+        key: RefKey,
+        guard: &'g Guard,
+    ) -> impl Iterator<Item = NodeEntry<'g>> {
+        self.range_from(map, NODE_TAG, NodeKey { key, seq: 0 }, 0, guard)
+            .take_while(move |n| n.key().key.key.cmp_identity(&key) == std::cmp::Ordering::Equal)
     }
 
     /// This head's late-ADD markers in `map`, in key order.

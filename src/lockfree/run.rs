@@ -255,10 +255,7 @@ fn run_late_adds<B: ExtentTree + ?Sized>(
             // (a pending DROP of the same backref cancels it), then run
             // whatever ADD of that identity is left.
             merge_identity(refs, head, key.key, guard);
-            for n in head.nodes_from(&refs.nodes, NodeKey { key: key.key, seq: 0 }, guard) {
-                if n.key().key.key.cmp_identity(&key.key) != std::cmp::Ordering::Equal {
-                    break;
-                }
+            for n in head.identity_nodes(&refs.nodes, key.key, guard) {
                 if visit(refs, backend, guard, head, &n, true, stats)?.note(&mut ran) {
                     return Ok(Visit::HeldBack);
                 }
@@ -301,16 +298,11 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
 /// an ADD that arrived after the pass's merge still cancels against a
 /// pending DROP of the same backref instead of running first (§3.10, §5.9).
 fn merge_identity(refs: &LockFreeRefs, head: &Head, key: RefKey, guard: &Guard) {
-    let mut g: Group<'_> = Vec::new();
-    for n in head.nodes_from(&refs.nodes, NodeKey { key, seq: 0 }, guard) {
-        let k = n.key().key;
-        if k.key.cmp_identity(&key) != std::cmp::Ordering::Equal {
-            break;
-        }
-        if count::peek(&n.value().count) != 0 {
-            g.push((k, n.value()));
-        }
-    }
+    let g: Group<'_> = head
+        .identity_nodes(&refs.nodes, key, guard)
+        .filter(|n| count::peek(&n.value().count) != 0)
+        .map(|n| (n.key().key, n.value()))
+        .collect();
     fold_groups(refs, head, vec![g], guard);
 }
 
@@ -375,7 +367,11 @@ fn run_head<B: ExtentTree + ?Sized>(
         // before this load name ADDs the add scan below finds anyway; the
         // first look (before the drop scan's first node, or after the scan
         // if the range is empty) drains them as no-ops.
-        let mut seen = head.add_epoch.load(Ordering::Acquire).wrapping_sub(1);
+        // An epoch of 0 means no adder ever noted on this head (every note
+        // is followed by a bump), so there is nothing stale to drain and the
+        // first look costs one load, not a search (W2-style drains).
+        let epoch = head.add_epoch.load(Ordering::Acquire);
+        let mut seen = if epoch == 0 { 0 } else { epoch.wrapping_sub(1) };
         // Add scan: every ADD whose adder left before the claim (or before
         // this pass) is in the range; later ones are marked.
         for n in head.nodes(&refs.nodes, guard) {
