@@ -342,7 +342,7 @@ fn loom_rsv_update_vs_release() {
         let c = r.geometry().delayed_ref_bytes(1);
         // One node queued and backed; a handle holding C(1) for a second.
         r.space.reserve(2 * c, FlushMode::NoFlush).unwrap();
-        r.delayed_refs.apply(|s| (s.grow(c, c), ()));
+        r.delayed_refs.apply(|s| s.grow(c, c));
         let mut h = TransHandle::default();
         h.local = RsvState { size: c, reserved: c };
         h.delayed_ref_updates = 1;
@@ -366,7 +366,7 @@ fn loom_rsv_refill_vs_refill() {
     loom::model(|| {
         let r = Arc::new(small_reserves());
         let c = r.geometry().delayed_ref_bytes(1);
-        r.delayed_refs.apply(|s| (s.grow(c, 0), ()));
+        r.delayed_refs.apply(|s| s.grow(c, 0));
         let t = {
             let r = r.clone();
             thread::spawn(move || r.refill(FlushMode::FlushAll).unwrap())
@@ -385,7 +385,7 @@ fn loom_rsv_refill_vs_release() {
     loom::model(|| {
         let r = Arc::new(small_reserves());
         let c = r.geometry().delayed_ref_bytes(1);
-        r.delayed_refs.apply(|s| (s.grow(c, 0), ()));
+        r.delayed_refs.apply(|s| s.grow(c, 0));
         let t = {
             let r = r.clone();
             thread::spawn(move || r.refill(FlushMode::FlushAll).unwrap())

@@ -337,8 +337,7 @@ fn fold_groups(refs: &LockFreeRefs, head: &Head, mut groups: Vec<Group<'_>>, gua
         match head.change_node(&refs.nodes, survivor_key, moved, survivor.level, guard) {
             Transition::Created => {
                 refs.counters.num_entries.add(1);
-                let c = refs.fs.reserves.geometry().delayed_ref_bytes(1);
-                refs.fs.reserves.delayed_refs.apply(|st| (st.grow(c, 0), ()));
+                refs.fs.reserves.grow_delayed_refs(refs.fs.reserves.geometry().delayed_ref_bytes(1), 0);
             }
             Transition::Dropped => {
                 refs.counters.num_entries.add(-1);

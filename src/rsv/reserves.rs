@@ -267,7 +267,14 @@ impl<C: PairCell> FsReserves<C> {
         }
         let (local, take) = h.local.take(n);
         h.local = local;
-        self.delayed_refs.apply(|s| (s.grow(n, take), ()));
+        self.grow_delayed_refs(n, take);
+    }
+
+    /// Grow the delayed refs reserve by `n`, `take` of it backed, and route
+    /// the excess a grow past a wrapped size leaves (`RsvState::grow`).
+    pub fn grow_delayed_refs(&self, n: u64, take: u64) {
+        let excess = self.delayed_refs.apply(|s| s.grow(n, take));
+        self.route_excess(RsvType::DelayedRefs, excess);
     }
 
     /// `btrfs_delayed_refs_rsv_refill` (spec §3.20.7) with the re-check of §5.3.
@@ -292,8 +299,7 @@ impl<C: PairCell> FsReserves<C> {
 
     /// `btrfs_inc_delayed_refs_rsv_bg_inserts` (spec §3.20.4).
     pub fn inc_bg_inserts(&self) {
-        let n = self.geometry().insert_metadata_size(1);
-        self.delayed_refs.apply(|s| (s.grow(n, 0), ()));
+        self.grow_delayed_refs(self.geometry().insert_metadata_size(1), 0);
     }
 
     /// `btrfs_dec_delayed_refs_rsv_bg_inserts` (spec §3.20.4).
@@ -303,8 +309,7 @@ impl<C: PairCell> FsReserves<C> {
 
     /// `btrfs_inc_delayed_refs_rsv_bg_updates` (spec §3.20.5).
     pub fn inc_bg_updates(&self) {
-        let n = self.geometry().metadata_size(1);
-        self.delayed_refs.apply(|s| (s.grow(n, 0), ()));
+        self.grow_delayed_refs(self.geometry().metadata_size(1), 0);
     }
 
     /// `btrfs_dec_delayed_refs_rsv_bg_updates` (spec §3.20.5).

@@ -41,9 +41,21 @@ impl RsvState {
         }
     }
 
-    /// Grow by `n` bytes of size of which `take` are backed (spec §3.20.3 step 3).
-    pub fn grow(self, n: u64, take: u64) -> RsvState {
-        RsvState { size: self.size.wrapping_add(n), reserved: self.reserved.wrapping_add(take) }
+    /// Grow by `n` bytes of size of which `take` are backed (spec §3.20.3
+    /// step 3); returns the excess. A grow that brings a wrapped `size` back
+    /// (a runner released the node's bytes before its adder grew them,
+    /// §5.12) can leave `reserved` above `size`; it clamps and returns the
+    /// difference exactly as the release would have done in the other
+    /// order, so `reserved <= size` holds at quiescence (invariant 22). The
+    /// kernel leaves that excess in place until the next release.
+    pub fn grow(self, n: u64, take: u64) -> (RsvState, u64) {
+        let size = self.size.wrapping_add(n);
+        let reserved = self.reserved.wrapping_add(take);
+        if (size as i64) >= 0 && reserved > size {
+            (RsvState { size, reserved: size }, reserved - size)
+        } else {
+            (RsvState { size, reserved }, 0)
+        }
     }
 
     /// Take up to `n` backed bytes out (spec §3.20.3 step 2); returns the amount.
@@ -146,7 +158,14 @@ mod tests {
         assert!(!w.full(), "a wrapped size is not full");
         assert_eq!(w.gap(), 0, "nothing to refill while wrapped");
         let back = w.grow(64, 0);
-        assert_eq!(back, RsvState { size: 0, reserved: 0 });
+        assert_eq!(back, (RsvState { size: 0, reserved: 0 }, 0));
+        // The adder's grow brings backed bytes: they are excess once the
+        // size is back, and leave in the same transition (invariant 22).
+        let s = RsvState { size: 0, reserved: 10 };
+        let (w, _) = s.release(64);
+        assert_eq!(w, RsvState { size: 0u64.wrapping_sub(64), reserved: 10 });
+        assert_eq!(w.grow(64, 64), (RsvState { size: 0, reserved: 0 }, 74));
+        assert_eq!(w.grow(100, 20), (RsvState { size: 36, reserved: 30 }, 0));
     }
 
     #[test]
