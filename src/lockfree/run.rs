@@ -77,6 +77,9 @@ enum Take {
     Nothing,
     Ran,
     HeldBack,
+    /// A DROP was found, but an ADD was noted since `late_seen`: run the
+    /// late ADDs first.
+    LateAdds,
 }
 
 /// Take one node's count and run it (spec §3.16.4 steps 1-9).
@@ -89,6 +92,7 @@ fn take_and_run<B: ExtentTree + ?Sized>(
     key: NodeKey,
     node: &super::head::RefNode,
     want_add: bool,
+    late_seen: Option<u64>,
     stats: &mut RunStats,
 ) -> Result<Take> {
     let g = *refs.fs.reserves.geometry();
@@ -96,6 +100,15 @@ fn take_and_run<B: ExtentTree + ?Sized>(
         let v = count::peek(&node.count);
         if v == 0 || (v > 0) != want_add {
             return Ok(Take::Nothing);
+        }
+        // Drop scan: re-check for late ADDs after reading the DROP. Acquire:
+        // the peek above read this count from an adder's AcqRel RMW (or a
+        // later one in its release sequence), so an ADD that adder, or any
+        // thread before it, noted has its Release bump of add_epoch visible
+        // here. Without this, an ADD and then a DROP queued between the
+        // caller's look and this take could run DROP first.
+        if late_seen.is_some_and(|s| head.add_epoch.load(Ordering::Acquire) != s) {
+            return Ok(Take::LateAdds);
         }
         if refs.fs.seq.holds_back(key.seq) {
             return Ok(Take::HeldBack);
@@ -175,6 +188,8 @@ enum Visit {
     Ran,
     /// Held back by a seq blocker: the head is unselected, stop.
     HeldBack,
+    /// Late ADDs were noted: run them, then visit this DROP again.
+    LateAdds,
 }
 
 impl Visit {
@@ -195,9 +210,11 @@ fn visit<B: ExtentTree + ?Sized>(
     head: &Head,
     n: &super::head::NodeEntry<'_>,
     want_add: bool,
+    late_seen: Option<u64>,
     stats: &mut RunStats,
 ) -> Result<Visit> {
-    match take_and_run(refs, backend, guard, head, n.key().key, n.value(), want_add, stats) {
+    match take_and_run(refs, backend, guard, head, n.key().key, n.value(), want_add, late_seen, stats) {
+        Ok(Take::LateAdds) => Ok(Visit::LateAdds),
         Ok(Take::Nothing) => {
             kill_if_zero(refs, n);
             Ok(Visit::Nothing)
@@ -246,7 +263,7 @@ fn run_late_adds<B: ExtentTree + ?Sized>(
         let key = m.key().key;
         if head.is_data {
             if let Some(n) = head.node(&refs.nodes, key, guard) {
-                if visit(refs, backend, guard, head, &n, true, stats)?.note(&mut ran) {
+                if visit(refs, backend, guard, head, &n, true, None, stats)?.note(&mut ran) {
                     return Ok(Visit::HeldBack);
                 }
             }
@@ -256,7 +273,7 @@ fn run_late_adds<B: ExtentTree + ?Sized>(
             // whatever ADD of that identity is left.
             merge_identity(refs, head, key.key, guard);
             for n in head.identity_nodes(&refs.nodes, key.key, guard) {
-                if visit(refs, backend, guard, head, &n, true, stats)?.note(&mut ran) {
+                if visit(refs, backend, guard, head, &n, true, None, stats)?.note(&mut ran) {
                     return Ok(Visit::HeldBack);
                 }
             }
@@ -374,16 +391,21 @@ fn run_head<B: ExtentTree + ?Sized>(
         // Add scan: every ADD whose adder left before the claim (or before
         // this pass) is in the range; later ones are marked.
         for n in head.nodes(&refs.nodes, guard) {
-            if visit(refs, backend, guard, head, &n, true, &mut stats)?.note(&mut ran) {
+            if visit(refs, backend, guard, head, &n, true, None, &mut stats)?.note(&mut ran) {
                 return Ok((HeadOutcome::HeldBack, stats));
             }
         }
         // Drop scan: before each drop, the ADDs marked since the last look.
         for n in head.nodes(&refs.nodes, guard) {
-            if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran)
-                || visit(refs, backend, guard, head, &n, false, &mut stats)?.note(&mut ran)
-            {
-                return Ok((HeadOutcome::HeldBack, stats));
+            loop {
+                if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran) {
+                    return Ok((HeadOutcome::HeldBack, stats));
+                }
+                match visit(refs, backend, guard, head, &n, false, Some(seen), &mut stats)? {
+                    Visit::LateAdds => continue,
+                    v if v.note(&mut ran) => return Ok((HeadOutcome::HeldBack, stats)),
+                    _ => break,
+                }
             }
         }
         if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran) {
