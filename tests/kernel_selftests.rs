@@ -273,17 +273,26 @@ fn order(runs: &[RunRecord]) -> Vec<(Action, RefKey)> {
 /// first drop (the runner is then in its drop phase); `new_seq` first moves
 /// the tree-mod-log seq on, so `late` gets its own node.
 fn run_with_late_add<D: DelayedRefs>(refs: &D, tree: &Recording, late: &GenericRef, new_seq: bool) {
+    run_with_late_refs(refs, tree, Action::Drop, std::slice::from_ref(late), new_seq);
+}
+
+/// Run everything, queueing `lates` in order from the backend while it
+/// applies the first ref with action `on`; `new_seq` moves the tree-mod-log
+/// seq on before each, so each gets its own node.
+fn run_with_late_refs<D: DelayedRefs>(refs: &D, tree: &Recording, on: Action, lates: &[GenericRef], new_seq: bool) {
     let pending = Mutex::new(Some(TransHandle::new()));
     let hooked = Hooked {
         inner: tree,
         hook: Box::new(|run: &delayed_refs::RefRun<'_>| {
-            if run.action == Action::Drop
+            if run.action == on
                 && let Some(mut h) = pending.lock().unwrap().take()
             {
-                if new_seq {
-                    drop(refs.fs().seq.register());
+                for late in lates {
+                    if new_seq {
+                        drop(refs.fs().seq.register());
+                    }
+                    add(refs, &mut h, late);
                 }
-                add(refs, &mut h, late);
             }
         }),
     };
@@ -408,6 +417,66 @@ fn adds_run_before_drops<D: DelayedRefs>() {
         assert_eq!(order(&tree.runs()), vec![(Action::Drop, t(5))]);
         let item = tree.inner.item(X).unwrap();
         assert_eq!((item.refs, item.backrefs.get(&t(257)).copied()), (2, Some(1)));
+        check_empty(&refs);
+    }
+    // F: metadata, one backref toggled DROP/ADD/DROP at three seqs while
+    // the runner is in its add phase (queued from the backend while it
+    // applies the first ADD; the second ADD, still ahead of the walk, sorts
+    // between it and that backref, so the walk goes on into the toggled
+    // nodes rather than ending and leaving them to the late-ADD path). The kernel
+    // merges before every ref it selects (§3.10, §3.16.4 step 9), so the
+    // three fold into one DROP. Taking the middle ADD on its own (a merge
+    // done only once per pass) runs ADD, DROP, DROP; under adders that keep
+    // toggling, such leftovers later fold into one node with ref_mod 2 or
+    // more (Error::TreeRefMod, the mt_add_run failure of session 3).
+    {
+        let refs = D::new(FsConfig::default());
+        let tree = Recording::new(MemExtentTree::new());
+        load_item(&tree.inner, X, TREE_NB, false, &[(t(5), 1), (t(257), 1)]);
+        let mut h = TransHandle::new();
+        add(&refs, &mut h, &tref(Action::Add, X, 3, 0));
+        add(&refs, &mut h, &tref(Action::Add, X, 4, 0));
+        let toggles = [Action::Drop, Action::Add, Action::Drop].map(|a| tref(a, X, 257, 0));
+        run_with_late_refs(&refs, &tree, Action::Add, &toggles, true);
+        assert_eq!(order(&tree.runs()), vec![(Action::Add, t(3)), (Action::Add, t(4)), (Action::Drop, t(257))]);
+        let item = tree.inner.item(X).unwrap();
+        assert_eq!((item.refs, item.backrefs.get(&t(257)).copied()), (3, None));
+        check_empty(&refs);
+    }
+    // G: metadata, a late ADD held back by a blocker that registered during
+    // the run, behind a queued DROP of the same backref below that blocker:
+    // the two do not merge (§3.10 merges below the lowest blocker only),
+    // and the held ADD stops every drop, as the kernel's add list would
+    // select it first and unselect the head (§2.3, §3.11). Once the blocker
+    // leaves, the two cancel; running the DROP first would apply a DROP and
+    // an ADD of one tree backref instead.
+    {
+        let refs = D::new(FsConfig::default());
+        let tree = Recording::new(MemExtentTree::new());
+        load_item(&tree.inner, X, TREE_NB, false, &[(t(5), 1), (t(257), 1)]);
+        let mut h = TransHandle::new();
+        add(&refs, &mut h, &tref(Action::Drop, X, 5, 0));
+        add(&refs, &mut h, &tref(Action::Drop, X, 257, 0));
+        let blocker = Mutex::new(None);
+        let pending = Mutex::new(Some(TransHandle::new()));
+        let hooked = Hooked {
+            inner: &tree,
+            hook: Box::new(|run: &delayed_refs::RefRun<'_>| {
+                if run.key == t(5)
+                    && let Some(mut h) = pending.lock().unwrap().take()
+                {
+                    *blocker.lock().unwrap() = Some(refs.fs().seq.register());
+                    add(&refs, &mut h, &tref(Action::Add, X, 257, 0));
+                }
+            }),
+        };
+        let (_, outcome, _) = refs.run_one(&hooked).unwrap().unwrap();
+        assert_eq!(outcome, HeadOutcome::HeldBack);
+        assert_eq!(order(&tree.runs()), vec![(Action::Drop, t(5))], "the held ADD stops the DROP");
+        drop(blocker.lock().unwrap().take());
+        refs.run(&tree, RunMode::All).unwrap();
+        assert_eq!(order(&tree.runs()), vec![(Action::Drop, t(5))], "DROP and ADD cancel");
+        assert_eq!(tree.inner.item(X).unwrap().backrefs.get(&t(257)).copied(), Some(1));
         check_empty(&refs);
     }
 }

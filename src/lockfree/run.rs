@@ -27,7 +27,7 @@ use crossbeam_epoch::Guard;
 use crossbeam_skiplist::base::Entry;
 
 use super::count::{self, Transition};
-use super::head::Head;
+use super::head::{Head, NodeEntry};
 use super::root::LockFreeRefs;
 use super::state::adders;
 use crate::api::{HeadOutcome, RunMode, RunStats};
@@ -223,11 +223,7 @@ fn visit<B: ExtentTree + ?Sized>(
             kill_if_zero(refs, n);
             Ok(Visit::Ran)
         }
-        Ok(Take::HeldBack) => {
-            refs.unselect(head);
-            stats.held_back += 1;
-            Ok(Visit::HeldBack)
-        }
+        Ok(Take::HeldBack) => Ok(hold(refs, head, stats)),
         Err(err) => {
             refs.unselect(head);
             Err(err)
@@ -261,22 +257,26 @@ fn run_late_adds<B: ExtentTree + ?Sized>(
         // noting, so the next look comes back for it.
         count::take_all(&m.value().count);
         let key = m.key().key;
-        if head.is_data {
-            if let Some(n) = head.node(&refs.nodes, key, guard) {
-                if visit(refs, backend, guard, head, &n, true, None, stats)?.note(&mut ran) {
-                    return Ok(Visit::HeldBack);
-                }
+        let v = if head.is_data {
+            match head.node(&refs.nodes, key, guard) {
+                Some(n) => visit(refs, backend, guard, head, &n, true, None, stats)?,
+                None => Visit::Nothing,
             }
         } else {
             // Metadata: fold the ADD with its identity's other nodes first
-            // (a pending DROP of the same backref cancels it), then run
-            // whatever ADD of that identity is left.
-            merge_identity(refs, head, key.key, guard);
-            for n in head.identity_nodes(&refs.nodes, key.key, guard) {
-                if visit(refs, backend, guard, head, &n, true, None, stats)?.note(&mut ran) {
-                    return Ok(Visit::HeldBack);
+            // (a pending DROP of the same backref cancels it), then run the
+            // identity's oldest node if it is an ADD (`fold_identity`). An
+            // ADD left behind an older DROP that is held back stops the
+            // drops, as in the add scan (`visit_scanned`).
+            match visit_identity(refs, backend, guard, head, key.key, true, None, stats)? {
+                Visit::Nothing if head.node(&refs.nodes, key, guard).is_some_and(|n| held_add(refs, &n)) => {
+                    hold(refs, head, stats)
                 }
+                v => v,
             }
+        };
+        if v.note(&mut ran) {
+            return Ok(Visit::HeldBack);
         }
         kill_if_zero(refs, &m);
     }
@@ -295,7 +295,12 @@ fn kill_if_zero(refs: &LockFreeRefs, n: &super::head::NodeEntry<'_>) {
 
 type Group<'g> = Vec<(NodeKey, &'g super::head::RefNode)>;
 
-/// The merge pass on a metadata head (spec §3.10), by the claiming runner.
+/// The merge pass on a metadata head (spec §3.10), by the claiming runner,
+/// at the start of each pass over the head: it folds every identity at
+/// once, so a head held back later in the pass is merged below the lowest
+/// blocker (invariant 13) and most identities reach the scans as one node.
+/// Nodes queued during the pass are folded per identity before any take
+/// (`fold_identity`).
 fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
     let mut groups: Vec<Group<'_>> = Vec::new();
     for n in head.nodes(&refs.nodes, guard) {
@@ -310,17 +315,102 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
     fold_groups(refs, head, groups, guard);
 }
 
-/// The merge pass limited to one backref identity (same `RefKey`, any seq;
-/// contiguous in §2.1 order): run before a late ADD on a metadata head, so
-/// an ADD that arrived after the pass's merge still cancels against a
-/// pending DROP of the same backref instead of running first (§3.10, §5.9).
-fn merge_identity(refs: &LockFreeRefs, head: &Head, key: RefKey, guard: &Guard) {
-    let g: Group<'_> = head
-        .identity_nodes(&refs.nodes, key, guard)
-        .filter(|n| count::peek(&n.value().count) != 0)
-        .map(|n| (n.key().key, n.value()))
-        .collect();
+/// The merge pass of spec §3.10 limited to one backref identity (same
+/// `RefKey`, any seq; contiguous in §2.1 order), then that identity's
+/// *first* non-zero node: the only one of its nodes the runner may take.
+///
+/// The kernel merges the whole head under its lock before every ref it
+/// selects, so two nodes of one tree backref below the seq barrier never
+/// both reach the run. Here adders keep queueing while the runner walks,
+/// so the fold is done per identity right before a take, and the take is
+/// restricted to the oldest pending node of that identity. An adder changes
+/// only the node of the seq it read, and seqs only grow, so every pending
+/// op older than the first non-zero node is already folded or run: taking
+/// that node takes a time-ordered prefix of the identity's pending ops, and
+/// a backref toggled ADD/DROP/ADD/... can never reach the run as one node
+/// with ref_mod ≥ 2 (§4 invariant on tree refs, `Error::TreeRefMod`).
+/// Later nodes of the identity wait: a later ADD is either folded by the
+/// next call or noted as a late ADD (module `head`), which calls this again.
+fn fold_identity<'g>(refs: &'g LockFreeRefs, head: &Head, key: RefKey, guard: &'g Guard) -> Option<NodeEntry<'g>> {
+    let live = |n: &NodeEntry<'_>| count::peek(&n.value().count) != 0;
+    let mut it = head.identity_nodes(&refs.nodes, key, guard).filter(live);
+    let first = it.next()?;
+    let Some(second) = it.next() else { return Some(first) };
+    let g: Group<'_> = [first, second].into_iter().chain(it).map(|n| (n.key().key, n.value())).collect();
     fold_groups(refs, head, vec![g], guard);
+    head.identity_nodes(&refs.nodes, key, guard).find(live)
+}
+
+/// Visit a metadata head's backref identity `key`: fold it, then take and
+/// run its first non-zero node if that has the wanted sign (`fold_identity`).
+#[allow(clippy::too_many_arguments)]
+fn visit_identity<B: ExtentTree + ?Sized>(
+    refs: &LockFreeRefs,
+    backend: &B,
+    guard: &Guard,
+    head: &Head,
+    key: RefKey,
+    want_add: bool,
+    late_seen: Option<u64>,
+    stats: &mut RunStats,
+) -> Result<Visit> {
+    match fold_identity(refs, head, key, guard) {
+        Some(n) => visit(refs, backend, guard, head, &n, want_add, late_seen, stats),
+        None => Ok(Visit::Nothing),
+    }
+}
+
+/// Visit one node met by a scan: a data node directly, a metadata node
+/// through its identity (`visit_identity`), once per identity per scan
+/// (`last` holds the identity visited last; later nodes of it are only
+/// killed if zero).
+#[allow(clippy::too_many_arguments)]
+fn visit_scanned<B: ExtentTree + ?Sized>(
+    refs: &LockFreeRefs,
+    backend: &B,
+    guard: &Guard,
+    head: &Head,
+    n: &NodeEntry<'_>,
+    want_add: bool,
+    late_seen: Option<u64>,
+    last: &mut Option<RefKey>,
+    stats: &mut RunStats,
+) -> Result<Visit> {
+    if head.is_data {
+        return visit(refs, backend, guard, head, n, want_add, late_seen, stats);
+    }
+    let key = n.key().key.key;
+    let seen = last.is_some_and(|l| l.cmp_identity(&key) == std::cmp::Ordering::Equal);
+    if !seen && count::peek(&n.value().count) != 0 {
+        let v = visit_identity(refs, backend, guard, head, key, want_add, late_seen, stats)?;
+        if v == Visit::LateAdds {
+            return Ok(v);
+        }
+        *last = Some(key);
+        if v != Visit::Nothing {
+            return Ok(v);
+        }
+    }
+    // `n` is zero, or waits behind an older node of its identity. A held
+    // ADD among those still stops the add scan: the kernel's add list
+    // would select it before any drop and unselect the head (§2.3, §3.11).
+    if want_add && held_add(refs, n) {
+        return Ok(hold(refs, head, stats));
+    }
+    kill_if_zero(refs, n);
+    Ok(Visit::Nothing)
+}
+
+/// Whether `n` is a pending ADD that the seq barrier holds back.
+fn held_add(refs: &LockFreeRefs, n: &NodeEntry<'_>) -> bool {
+    count::peek(&n.value().count) > 0 && refs.fs.seq.holds_back(n.key().key.seq)
+}
+
+/// Unselect a head held back by a seq blocker (spec §3.16.5).
+fn hold(refs: &LockFreeRefs, head: &Head, stats: &mut RunStats) -> Visit {
+    refs.unselect(head);
+    stats.held_back += 1;
+    Visit::HeldBack
 }
 
 /// Fold each group of same-identity nodes (read by a walk) into one node.
@@ -390,18 +480,20 @@ fn run_head<B: ExtentTree + ?Sized>(
         let mut seen = if epoch == 0 { 0 } else { epoch.wrapping_sub(1) };
         // Add scan: every ADD whose adder left before the claim (or before
         // this pass) is in the range; later ones are marked.
+        let mut last = None;
         for n in head.nodes(&refs.nodes, guard) {
-            if visit(refs, backend, guard, head, &n, true, None, &mut stats)?.note(&mut ran) {
+            if visit_scanned(refs, backend, guard, head, &n, true, None, &mut last, &mut stats)?.note(&mut ran) {
                 return Ok((HeadOutcome::HeldBack, stats));
             }
         }
         // Drop scan: before each drop, the ADDs marked since the last look.
+        let mut last = None;
         for n in head.nodes(&refs.nodes, guard) {
             loop {
                 if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran) {
                     return Ok((HeadOutcome::HeldBack, stats));
                 }
-                match visit(refs, backend, guard, head, &n, false, Some(seen), &mut stats)? {
+                match visit_scanned(refs, backend, guard, head, &n, false, Some(seen), &mut last, &mut stats)? {
                     Visit::LateAdds => continue,
                     v if v.note(&mut ran) => return Ok((HeadOutcome::HeldBack, stats)),
                     _ => break,
