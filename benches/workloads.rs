@@ -7,6 +7,8 @@
 //!   runners (1 thread: add, then drain).
 //! - `W2_drain`: a prefilled index of 4096 heads x 4 refs drained by the
 //!   commit drain on a rayon pool of T threads (prefill not timed).
+//! - `tree_drain`: 4096 tree blocks x 4 tree backrefs run by one thread
+//!   with `run(All)` (metadata heads: merge pass and per-identity folds).
 //! - `W3_hot_head`: every thread adds its own keys under one head.
 //! - `W4_add_only`: each thread adds 4 refs to each of its own heads.
 //! - `wide_head`: one head, every add a new distinct key.
@@ -35,6 +37,7 @@ use delayed_refs::{
 const ADDS_PER_THREAD: u64 = 4096;
 const THREADS: [u64; 5] = [1, 2, 4, 8, 16];
 const NB: u64 = 4096;
+const TREE_NB: u64 = 16384;
 
 fn data_ref(action: Action, bytenr: u64, owner: u64, offset: u64) -> GenericRef {
     GenericRef::new(action, bytenr, NB, 0, 5).data(5, owner, offset, 0, false)
@@ -85,6 +88,20 @@ fn prefilled<D: DelayedRefs>() -> (D, MemExtentTree) {
         let bytenr = (i / 4) * NB + NB;
         let (action, reserved) = if i % 4 == 0 { (Action::AddExtent, NB) } else { (Action::Add, 0) };
         refs.add_data_ref(&mut h, &data_ref(action, bytenr, 257, i % 4), reserved).unwrap();
+    }
+    (refs, MemExtentTree::new())
+}
+
+/// 4096 tree blocks x 4 tree backrefs (the first allocates the block), not run.
+fn prefilled_tree<D: DelayedRefs>() -> (D, MemExtentTree) {
+    let refs = D::new(FsConfig::default());
+    let mut h = TransHandle::new();
+    for i in 0..4096 * 4u64 {
+        let bytenr = (i / 4) * TREE_NB + TREE_NB;
+        let action = if i % 4 == 0 { Action::AddExtent } else { Action::Add };
+        let root = 256 + i % 4;
+        let g = GenericRef::new(action, bytenr, TREE_NB, 0, root).tree(0, root, 0, false);
+        refs.add_tree_ref(&mut h, &g, None).unwrap();
     }
     (refs, MemExtentTree::new())
 }
@@ -265,6 +282,35 @@ fn drain_group(c: &mut Criterion) {
     g.finish();
 }
 
+/// One thread running `run(All)` over metadata heads: the per-ref cost of the
+/// run side on tree refs (merge pass, per-identity fold before each take).
+fn tree_drain_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("tree_drain");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.throughput(Throughput::Elements(4096 * 4));
+    g.bench_function("locked", |b| {
+        b.iter_batched(
+            prefilled_tree::<LockedRefs>,
+            |(refs, tree)| {
+                refs.run(&tree, RunMode::All).unwrap();
+                (refs, tree)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("lockfree", |b| {
+        b.iter_batched(
+            prefilled_tree::<LockFreeRefs>,
+            |(refs, tree)| {
+                refs.run(&tree, RunMode::All).unwrap();
+                (refs, tree)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
 fn scaling_group(c: &mut Criterion) {
     let mut g = c.benchmark_group("wide_scaling");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
@@ -280,6 +326,7 @@ fn bench(c: &mut Criterion) {
     let every = |t: u64| t * ADDS_PER_THREAD;
     group(c, "W1_spread", w1::<LockedRefs>, w1::<LockFreeRefs>, |t| (t / 2).max(1) * ADDS_PER_THREAD);
     drain_group(c);
+    tree_drain_group(c);
     group(c, "W3_hot_head", hot::<LockedRefs>, hot::<LockFreeRefs>, every);
     group(c, "W4_add_only", add_only::<LockedRefs>, add_only::<LockFreeRefs>, every);
     group(c, "wide_head", wide::<LockedRefs>, wide::<LockFreeRefs>, every);

@@ -268,7 +268,7 @@ fn run_late_adds<B: ExtentTree + ?Sized>(
             // identity's oldest node if it is an ADD (`fold_identity`). An
             // ADD left behind an older DROP that is held back stops the
             // drops, as in the add scan (`visit_scanned`).
-            match visit_identity(refs, backend, guard, head, key.key, true, None, stats)? {
+            match visit_identity(refs, backend, guard, head, key.key, None, true, None, stats)? {
                 Visit::Nothing if head.node(&refs.nodes, key, guard).is_some_and(|n| held_add(refs, &n)) => {
                     hold(refs, head, stats)
                 }
@@ -331,14 +331,40 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
 /// with ref_mod ≥ 2 (§4 invariant on tree refs, `Error::TreeRefMod`).
 /// Later nodes of the identity wait: a later ADD is either folded by the
 /// next call or noted as a late ADD (module `head`), which calls this again.
-fn fold_identity<'g>(refs: &'g LockFreeRefs, head: &Head, key: RefKey, guard: &'g Guard) -> Option<NodeEntry<'g>> {
+///
+/// `start` is a node of the identity no non-zero node of which sorts before
+/// it (a scan's first non-zero node of the identity: the nodes it passed
+/// were zero, and they stay zero, since the ops of one backref come with
+/// non-decreasing seqs and only this runner's folds write older nodes); it
+/// saves the search for the identity's first node. `None` searches.
+fn fold_identity<'g>(
+    refs: &'g LockFreeRefs,
+    head: &Head,
+    key: RefKey,
+    start: Option<&NodeEntry<'g>>,
+    guard: &'g Guard,
+) -> Option<NodeEntry<'g>> {
+    let start = match start {
+        Some(n) => n.clone(),
+        None => head.identity_nodes(&refs.nodes, key, guard).next()?,
+    };
     let live = |n: &NodeEntry<'_>| count::peek(&n.value().count) != 0;
-    let mut it = head.identity_nodes(&refs.nodes, key, guard).filter(live);
+    let mut it = identity_from(start.clone(), key).filter(live);
     let first = it.next()?;
     let Some(second) = it.next() else { return Some(first) };
     let g: Group<'_> = [first, second].into_iter().chain(it).map(|n| (n.key().key, n.value())).collect();
     fold_groups(refs, head, vec![g], guard);
-    head.identity_nodes(&refs.nodes, key, guard).find(live)
+    identity_from(start, key).find(live)
+}
+
+/// The nodes of `start`'s head range and backref identity `key`, from `start` on.
+fn identity_from(start: NodeEntry<'_>, key: RefKey) -> impl Iterator<Item = NodeEntry<'_>> {
+    let (bytenr, slot) = (start.key().bytenr, start.key().slot);
+    std::iter::successors(Some(start), |n| n.next()).take_while(move |n| {
+        n.key().bytenr == bytenr
+            && n.key().slot == slot
+            && n.key().key.key.cmp_identity(&key) == std::cmp::Ordering::Equal
+    })
 }
 
 /// Visit a metadata head's backref identity `key`: fold it, then take and
@@ -350,11 +376,12 @@ fn visit_identity<B: ExtentTree + ?Sized>(
     guard: &Guard,
     head: &Head,
     key: RefKey,
+    start: Option<&NodeEntry<'_>>,
     want_add: bool,
     late_seen: Option<u64>,
     stats: &mut RunStats,
 ) -> Result<Visit> {
-    match fold_identity(refs, head, key, guard) {
+    match fold_identity(refs, head, key, start, guard) {
         Some(n) => visit(refs, backend, guard, head, &n, want_add, late_seen, stats),
         None => Ok(Visit::Nothing),
     }
@@ -382,7 +409,7 @@ fn visit_scanned<B: ExtentTree + ?Sized>(
     let key = n.key().key.key;
     let seen = last.is_some_and(|l| l.cmp_identity(&key) == std::cmp::Ordering::Equal);
     if !seen && count::peek(&n.value().count) != 0 {
-        let v = visit_identity(refs, backend, guard, head, key, want_add, late_seen, stats)?;
+        let v = visit_identity(refs, backend, guard, head, key, Some(n), want_add, late_seen, stats)?;
         if v == Visit::LateAdds {
             return Ok(v);
         }
