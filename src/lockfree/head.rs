@@ -4,7 +4,7 @@
 //! # Implementation details
 //!
 //! The nodes of every head live in one root-level skiplist, the [`NodeMap`],
-//! keyed by [`NodeIx`] = (bytenr, head generation and range tag, node key): a
+//! keyed by [`NodeIx`] = (head generation and range tag, node key): a
 //! head's nodes are one contiguous range, walked in the order of spec §2.1.
 //! Just before it lies the head's *late-ADD marker* range (see below). A head carries
 //! no list of its own (a crossbeam `SkipList` is ~512 bytes inline before its
@@ -66,12 +66,12 @@ use crate::domain::key::{NodeKey, RefKey};
 use crate::domain::kind::Action;
 use crate::sync::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
-/// Where a node lives in the [`NodeMap`]: its head's bytenr, then its
-/// `slot` = head generation `<< 1 |` range tag ([`MARK_TAG`] or
-/// [`NODE_TAG`]), then its key (field order = sort order).
+/// Where a node lives in the [`NodeMap`]: its `slot` = head generation
+/// `<< 1 |` range tag ([`MARK_TAG`] or [`NODE_TAG`]), then its key (field
+/// order = sort order). The generation is unique per head object, so it
+/// alone names the head; the bytenr is not repeated in every node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct NodeIx {
-    pub bytenr: u64,
     pub slot: u64,
     pub key: NodeKey,
 }
@@ -95,14 +95,13 @@ pub(crate) type NodeEntry<'g> = Entry<'g, 'g, NodeIx, RefNode>;
 /// 1 compares the generation only).
 pub(crate) struct HeadNodes<'g> {
     cur: Option<NodeEntry<'g>>,
-    bytenr: u64,
     slot: u64,
     slot_shift: u32,
 }
 
 impl HeadNodes<'_> {
     fn owns(&self, n: &NodeEntry<'_>) -> bool {
-        n.key().bytenr == self.bytenr && n.key().slot >> self.slot_shift == self.slot >> self.slot_shift
+        n.key().slot >> self.slot_shift == self.slot >> self.slot_shift
     }
 }
 
@@ -178,7 +177,6 @@ pub(crate) struct RefNode {
 /// A head (spec §1.5), stored inline in the index's skiplist node.
 #[derive(Debug)]
 pub(crate) struct Head {
-    pub bytenr: u64,
     /// This head object's generation: its marker and node ranges in the
     /// [`NodeMap`] are the slots `generation << 1 | tag`.
     pub generation: u64,
@@ -203,9 +201,8 @@ pub(crate) struct Head {
 impl Head {
     /// A fresh head. Takes a generation number: when the index discards
     /// this value (a concurrent insert won), the number is simply skipped.
-    pub(crate) fn new(bytenr: u64, num_bytes: u64, is_data: bool, is_system: bool, reserved: u64) -> Self {
+    pub(crate) fn new(num_bytes: u64, is_data: bool, is_system: bool, reserved: u64) -> Self {
         Head {
-            bytenr,
             generation: next_gen(),
             is_data,
             is_system,
@@ -227,7 +224,7 @@ impl Head {
     }
 
     fn ix(&self, key: NodeKey) -> NodeIx {
-        NodeIx { bytenr: self.bytenr, slot: self.slot(NODE_TAG), key }
+        NodeIx { slot: self.slot(NODE_TAG), key }
     }
 
     fn range<'g>(&self, map: &'g NodeMap, tag: u64, slot_shift: u32, guard: &'g Guard) -> HeadNodes<'g> {
@@ -242,8 +239,8 @@ impl Head {
         slot_shift: u32,
         guard: &'g Guard,
     ) -> HeadNodes<'g> {
-        let start = NodeIx { bytenr: self.bytenr, slot: self.slot(tag), key: from };
-        let mut it = HeadNodes { cur: None, bytenr: self.bytenr, slot: self.slot(tag), slot_shift };
+        let start = NodeIx { slot: self.slot(tag), key: from };
+        let mut it = HeadNodes { cur: None, slot: self.slot(tag), slot_shift };
         let first = map.lower_bound(Bound::Included(&start), guard).filter(|n| it.owns(n));
         it.cur = first;
         it
@@ -288,7 +285,7 @@ impl Head {
     /// Note a late ADD at `key` (see the module docs): called by the adder
     /// that made the node an ADD, still inside, while a runner holds the head.
     pub(crate) fn note_late_add(&self, map: &NodeMap, key: NodeKey, guard: &Guard) {
-        let ix = NodeIx { bytenr: self.bytenr, slot: self.slot(MARK_TAG), key };
+        let ix = NodeIx { slot: self.slot(MARK_TAG), key };
         change_entry(map, ix, 1, None, true, guard);
         // Release: after the marker is in the map; pairs with the runner's
         // Acquire load of add_epoch before each drop, which then finds it.
@@ -329,7 +326,7 @@ impl Head {
         });
     }
 
-    pub(crate) fn snapshot(&self, map: &NodeMap, guard: &Guard) -> HeadSnapshot {
+    pub(crate) fn snapshot(&self, bytenr: u64, map: &NodeMap, guard: &Guard) -> HeadSnapshot {
         let mut nodes = Vec::new();
         for n in self.nodes(map, guard) {
             let c = count::peek(&n.value().count);
@@ -343,7 +340,7 @@ impl Head {
             }
         }
         HeadSnapshot {
-            bytenr: self.bytenr,
+            bytenr,
             num_bytes: self.num_bytes.load(Ordering::Acquire),
             is_data: self.is_data,
             is_system: self.is_system,
@@ -370,7 +367,7 @@ mod tests {
     fn inline_sizes() {
         let (head, ix, node) = (size_of::<Head>(), size_of::<NodeIx>(), size_of::<RefNode>());
         eprintln!("Head {head} B, NodeIx {ix} B, RefNode {node} B");
-        assert!(head <= 112, "Head grew to {head} bytes");
-        assert!(ix + node <= 72, "node key + value grew to {} bytes", ix + node);
+        assert!(head <= 88, "Head grew to {head} bytes");
+        assert!(ix + node <= 64, "node key + value grew to {} bytes", ix + node);
     }
 }

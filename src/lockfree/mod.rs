@@ -7,7 +7,7 @@
 //!   refcounted lookups, and never replace a head (BRIEF §4).
 //! - Each head has a lifecycle word (module `state`); its ref nodes, with
 //!   signed atomic counts, live in one root-level skiplist of all nodes keyed
-//!   by (bytenr, slot = head generation << 1 | range tag, key), with a
+//!   by (slot = head generation << 1 | range tag, key), with a
 //!   late-ADD marker range before each head's node range (modules `head`,
 //!   `count`).
 //! - The index-level lifecycle steps are written once against an internal

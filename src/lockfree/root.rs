@@ -83,7 +83,7 @@ impl LockFreeRefs {
     /// an adder (hazard 1; the protocol is `index::enter`).
     fn enter_head<'g>(&'g self, upd: &HeadUpdate, guard: &'g Guard) -> (Entry<'g, 'g, u64, Head>, bool) {
         // The constructor may run and be discarded (BRIEF §4): no side effects.
-        let make = || Head::new(upd.bytenr, upd.num_bytes, upd.is_data, upd.is_system, upd.reserved);
+        let make = || Head::new(upd.num_bytes, upd.is_data, upd.is_system, upd.reserved);
         index::enter(&self.heads, upd.bytenr, make, guard)
     }
 
@@ -283,7 +283,7 @@ impl DelayedRefs for LockFreeRefs {
         if w & super::state::CLOSED != 0 || w & super::state::BORN == 0 {
             return None;
         }
-        Some(e.value().snapshot(&self.nodes, &guard))
+        Some(e.value().snapshot(bytenr, &self.nodes, &guard))
     }
 
     fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
@@ -392,7 +392,7 @@ impl DelayedRefs for LockFreeRefs {
                     stats.heads += 1;
                     if mir {
                         let nb = head.num_bytes.load(Ordering::Acquire);
-                        backend.pin_reserved(head.bytenr, nb, head.is_data);
+                        backend.pin_reserved(*e.key(), nb, head.is_data);
                         stats.pinned_bytes += nb;
                     }
                 }
@@ -422,7 +422,7 @@ impl DelayedRefs for LockFreeRefs {
         while let Some(h) = e {
             let w = h.value().state.load();
             if w & super::state::CLOSED == 0 && w & super::state::BORN != 0 {
-                out.push(h.value().snapshot(&self.nodes, &guard));
+                out.push(h.value().snapshot(*h.key(), &self.nodes, &guard));
             }
             e = h.next();
         }

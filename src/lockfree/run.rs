@@ -40,6 +40,21 @@ use crate::sync::Ordering;
 
 type HeadEntry<'g> = Entry<'g, 'g, u64, Head>;
 
+/// A head held by this runner's claim, with its bytenr (the index key: the
+/// head does not store it).
+struct Claimed<'a> {
+    head: &'a Head,
+    bytenr: u64,
+}
+
+impl std::ops::Deref for Claimed<'_> {
+    type Target = Head;
+
+    fn deref(&self) -> &Head {
+        self.head
+    }
+}
+
 /// `btrfs_select_ref_head` (spec §3.13): round-robin from the cursor,
 /// claiming in place.
 fn select<'g>(refs: &'g LockFreeRefs, guard: &'g Guard) -> Option<HeadEntry<'g>> {
@@ -66,7 +81,7 @@ fn select<'g>(refs: &'g LockFreeRefs, guard: &'g Guard) -> Option<HeadEntry<'g>>
             refs.counters.num_heads_ready.add(-1);
             let h = x.value();
             // Relaxed: the cursor is only a hint (invariant 6).
-            refs.run_start.store(h.bytenr.wrapping_add(h.num_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+            refs.run_start.store(x.key().wrapping_add(h.num_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
         }
         None => refs.run_start.store(0, Ordering::Relaxed),
     }
@@ -88,7 +103,7 @@ fn take_and_run<B: ExtentTree + ?Sized>(
     refs: &LockFreeRefs,
     backend: &B,
     guard: &Guard,
-    head: &Head,
+    head: &Claimed<'_>,
     key: NodeKey,
     node: &super::head::RefNode,
     want_add: bool,
@@ -207,7 +222,7 @@ fn visit<B: ExtentTree + ?Sized>(
     refs: &LockFreeRefs,
     backend: &B,
     guard: &Guard,
-    head: &Head,
+    head: &Claimed<'_>,
     n: &super::head::NodeEntry<'_>,
     want_add: bool,
     late_seen: Option<u64>,
@@ -237,7 +252,7 @@ fn run_late_adds<B: ExtentTree + ?Sized>(
     refs: &LockFreeRefs,
     backend: &B,
     guard: &Guard,
-    head: &Head,
+    head: &Claimed<'_>,
     seen: &mut u64,
     stats: &mut RunStats,
 ) -> Result<Visit> {
@@ -301,7 +316,7 @@ type Group<'g> = Vec<(NodeKey, &'g super::head::RefNode)>;
 /// blocker (invariant 13) and most identities reach the scans as one node.
 /// Nodes queued during the pass are folded per identity before any take
 /// (`fold_identity`).
-fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
+fn merge_pass(refs: &LockFreeRefs, head: &Claimed<'_>, guard: &Guard) {
     let mut groups: Vec<Group<'_>> = Vec::new();
     for n in head.nodes(&refs.nodes, guard) {
         let k = n.key().key;
@@ -339,7 +354,7 @@ fn merge_pass(refs: &LockFreeRefs, head: &Head, guard: &Guard) {
 /// saves the search for the identity's first node. `None` searches.
 fn fold_identity<'g>(
     refs: &'g LockFreeRefs,
-    head: &Head,
+    head: &Claimed<'_>,
     key: RefKey,
     start: Option<&NodeEntry<'g>>,
     guard: &'g Guard,
@@ -359,12 +374,9 @@ fn fold_identity<'g>(
 
 /// The nodes of `start`'s head range and backref identity `key`, from `start` on.
 fn identity_from(start: NodeEntry<'_>, key: RefKey) -> impl Iterator<Item = NodeEntry<'_>> {
-    let (bytenr, slot) = (start.key().bytenr, start.key().slot);
-    std::iter::successors(Some(start), |n| n.next()).take_while(move |n| {
-        n.key().bytenr == bytenr
-            && n.key().slot == slot
-            && n.key().key.key.cmp_identity(&key) == std::cmp::Ordering::Equal
-    })
+    let slot = start.key().slot;
+    std::iter::successors(Some(start), |n| n.next())
+        .take_while(move |n| n.key().slot == slot && n.key().key.key.cmp_identity(&key) == std::cmp::Ordering::Equal)
 }
 
 /// Visit a metadata head's backref identity `key`: fold it, then take and
@@ -374,7 +386,7 @@ fn visit_identity<B: ExtentTree + ?Sized>(
     refs: &LockFreeRefs,
     backend: &B,
     guard: &Guard,
-    head: &Head,
+    head: &Claimed<'_>,
     key: RefKey,
     start: Option<&NodeEntry<'_>>,
     want_add: bool,
@@ -396,7 +408,7 @@ fn visit_scanned<B: ExtentTree + ?Sized>(
     refs: &LockFreeRefs,
     backend: &B,
     guard: &Guard,
-    head: &Head,
+    head: &Claimed<'_>,
     n: &NodeEntry<'_>,
     want_add: bool,
     late_seen: Option<u64>,
@@ -434,14 +446,14 @@ fn held_add(refs: &LockFreeRefs, n: &NodeEntry<'_>) -> bool {
 }
 
 /// Unselect a head held back by a seq blocker (spec §3.16.5).
-fn hold(refs: &LockFreeRefs, head: &Head, stats: &mut RunStats) -> Visit {
+fn hold(refs: &LockFreeRefs, head: &Claimed<'_>, stats: &mut RunStats) -> Visit {
     refs.unselect(head);
     stats.held_back += 1;
     Visit::HeldBack
 }
 
 /// Fold each group of same-identity nodes (read by a walk) into one node.
-fn fold_groups(refs: &LockFreeRefs, head: &Head, mut groups: Vec<Group<'_>>, guard: &Guard) {
+fn fold_groups(refs: &LockFreeRefs, head: &Claimed<'_>, mut groups: Vec<Group<'_>>, guard: &Guard) {
     // The seq barrier is read after the walk (spec §3.11): a blocker that
     // registered during the walk holds back every node added after it, and
     // those nodes carry a seq at or above its own, so they are filtered here.
@@ -489,7 +501,7 @@ fn run_head<B: ExtentTree + ?Sized>(
     entry: &HeadEntry<'_>,
     guard: &Guard,
 ) -> Result<(HeadOutcome, RunStats)> {
-    let head = entry.value();
+    let head = &Claimed { head: entry.value(), bytenr: *entry.key() };
     let mut stats = RunStats { heads: 1, ..RunStats::default() };
     'outer: loop {
         if !head.is_data {
