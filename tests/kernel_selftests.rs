@@ -443,6 +443,29 @@ fn adds_run_before_drops<D: DelayedRefs>() {
         assert_eq!((item.refs, item.backrefs.get(&t(257)).copied()), (3, None));
         check_empty(&refs);
     }
+    // H: metadata, a shared backref (its key names no root) changed by an fs
+    // tree (ops carry the current seq) and by a tree that is not an fs tree
+    // (ops carry seq 0, like relocation's drop and re-add, §5.9). An ADD at
+    // seq s1 is queued; while the add scan applies an ADD of a lower key, the
+    // backref is dropped at seq 0 and re-added at seq s2. The seq-0 node sorts
+    // before the scan's position, so folding from the node the scan stands on
+    // would fold only the two ADDs (ref_mod 2, TreeRefMod); folding the whole
+    // identity, as the kernel does, leaves one ADD.
+    {
+        let refs = D::new(FsConfig::default());
+        let tree = Recording::new(MemExtentTree::new());
+        load_item(&tree.inner, X, TREE_NB, false, &[(t(5), 1)]);
+        let mut h = TransHandle::new();
+        drop(refs.fs().seq.register());
+        add(&refs, &mut h, &tref(Action::Add, X, 3, 0));
+        add(&refs, &mut h, &tref(Action::Add, X, 256, 1 << 40));
+        let lates = [tref(Action::Drop, X, 2, 1 << 40), tref(Action::Add, X, 256, 1 << 40)];
+        run_with_late_refs(&refs, &tree, Action::Add, &lates, true);
+        assert_eq!(order(&tree.runs()), vec![(Action::Add, t(3)), (Action::Add, sh)]);
+        let item = tree.inner.item(X).unwrap();
+        assert_eq!((item.refs, item.backrefs.get(&sh).copied()), (3, Some(1)));
+        check_empty(&refs);
+    }
     // G: metadata, a late ADD held back by a blocker that registered during
     // the run, behind a queued DROP of the same backref below that blocker:
     // the two do not merge (§3.10 merges below the lowest blocker only),

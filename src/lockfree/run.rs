@@ -347,11 +347,12 @@ fn merge_pass(refs: &LockFreeRefs, head: &Claimed<'_>, guard: &Guard) {
 /// Later nodes of the identity wait: a later ADD is either folded by the
 /// next call or noted as a late ADD (module `head`), which calls this again.
 ///
-/// `start` is a node of the identity no non-zero node of which sorts before
-/// it (a scan's first non-zero node of the identity: the nodes it passed
-/// were zero, and they stay zero, since the ops of one backref come with
-/// non-decreasing seqs and only this runner's folds write older nodes); it
-/// saves the search for the identity's first node. `None` searches.
+/// `start`, if given, must be the identity's first node, `(key, seq 0)`: it
+/// saves the search for it. A scan passes its entry only when that entry
+/// has seq 0; any other node may have a seq-0 node before it that gained
+/// an op after the scan passed (refs of roots that are not fs trees carry
+/// seq 0 whenever they are queued, and a `SharedBlock` key names no root).
+/// `None` searches from `(key, seq 0)`.
 fn fold_identity<'g>(
     refs: &'g LockFreeRefs,
     head: &Claimed<'_>,
@@ -421,7 +422,8 @@ fn visit_scanned<B: ExtentTree + ?Sized>(
     let key = n.key().key.key;
     let seen = last.is_some_and(|l| l.cmp_identity(&key) == std::cmp::Ordering::Equal);
     if !seen && count::peek(&n.value().count) != 0 {
-        let v = visit_identity(refs, backend, guard, head, key, Some(n), want_add, late_seen, stats)?;
+        let start = (n.key().key.seq == 0).then_some(n);
+        let v = visit_identity(refs, backend, guard, head, key, start, want_add, late_seen, stats)?;
         if v == Visit::LateAdds {
             return Ok(v);
         }
