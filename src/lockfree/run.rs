@@ -338,12 +338,16 @@ fn merge_pass(refs: &LockFreeRefs, head: &Claimed<'_>, guard: &Guard) {
 /// selects, so two nodes of one tree backref below the seq barrier never
 /// both reach the run. Here adders keep queueing while the runner walks,
 /// so the fold is done per identity right before a take, and the take is
-/// restricted to the oldest pending node of that identity. An adder changes
-/// only the node of the seq it read, and seqs only grow, so every pending
-/// op older than the first non-zero node is already folded or run: taking
-/// that node takes a time-ordered prefix of the identity's pending ops, and
-/// a backref toggled ADD/DROP/ADD/... can never reach the run as one node
-/// with ref_mod ≥ 2 (§4 invariant on tree refs, `Error::TreeRefMod`).
+/// restricted to the oldest pending node of that identity. An op changes
+/// only the node of the seq it read; the ops of one backref are serialized
+/// by their callers, so their seqs never decrease, except ops of roots that
+/// are not fs trees, which carry seq 0 and land in the identity's first
+/// node, which every fold includes. So every pending op older than the
+/// first non-zero node is already folded or run: taking that node takes a
+/// time-ordered prefix of the identity's pending ops, and a backref toggled
+/// ADD/DROP/ADD/... can never reach the run as one node with ref_mod ≥ 2
+/// (§4 invariant on tree refs, `Error::TreeRefMod`). The argument, with
+/// its state table, is in docs/protocols.md §c, "Metadata heads".
 /// Later nodes of the identity wait: a later ADD is either folded by the
 /// next call or noted as a late ADD (module `head`), which calls this again.
 ///
@@ -403,7 +407,7 @@ fn visit_identity<B: ExtentTree + ?Sized>(
 /// Visit one node met by a scan: a data node directly, a metadata node
 /// through its identity (`visit_identity`), once per identity per scan
 /// (`last` holds the identity visited last; later nodes of it are only
-/// killed if zero).
+/// checked for a held ADD and killed if zero).
 #[allow(clippy::too_many_arguments)]
 fn visit_scanned<B: ExtentTree + ?Sized>(
     refs: &LockFreeRefs,
