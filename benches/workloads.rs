@@ -28,7 +28,7 @@ use std::time::Duration;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Bencher, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use delayed_refs::{
     Action, DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FsConfig, GenericRef, LockFreeRefs, LockedRefs,
     MemExtentTree, RefRun, RunMode, TransHandle,
@@ -252,6 +252,22 @@ fn group(c: &mut Criterion, name: &str, locked: fn(u64), lockfree: fn(u64), adds
     g.finish();
 }
 
+/// Time `drain` on a root `prefill` built (prefill and teardown not timed).
+fn bench_drain<D: DelayedRefs>(
+    b: &mut Bencher<'_>,
+    prefill: fn() -> (D, MemExtentTree),
+    drain: impl Fn(&D, &MemExtentTree) -> delayed_refs::Result<()>,
+) {
+    b.iter_batched(
+        prefill,
+        |(refs, tree)| {
+            drain(&refs, &tree).unwrap();
+            (refs, tree)
+        },
+        BatchSize::PerIteration,
+    )
+}
+
 fn drain_group(c: &mut Criterion) {
     let mut g = c.benchmark_group("W2_drain");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
@@ -259,24 +275,10 @@ fn drain_group(c: &mut Criterion) {
     for t in THREADS {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t as usize).build().unwrap();
         g.bench_with_input(BenchmarkId::new("locked", t), &t, |b, _| {
-            b.iter_batched(
-                prefilled::<LockedRefs>,
-                |(refs, tree)| {
-                    refs.commit_drain(&tree, &pool).unwrap();
-                    (refs, tree)
-                },
-                BatchSize::PerIteration,
-            )
+            bench_drain(b, prefilled::<LockedRefs>, |r, tree| r.commit_drain(tree, &pool).map(drop))
         });
         g.bench_with_input(BenchmarkId::new("lockfree", t), &t, |b, _| {
-            b.iter_batched(
-                prefilled::<LockFreeRefs>,
-                |(refs, tree)| {
-                    refs.commit_drain(&tree, &pool).unwrap();
-                    (refs, tree)
-                },
-                BatchSize::PerIteration,
-            )
+            bench_drain(b, prefilled::<LockFreeRefs>, |r, tree| r.commit_drain(tree, &pool).map(drop))
         });
     }
     g.finish();
@@ -289,24 +291,10 @@ fn tree_drain_group(c: &mut Criterion) {
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     g.throughput(Throughput::Elements(4096 * 4));
     g.bench_function("locked", |b| {
-        b.iter_batched(
-            prefilled_tree::<LockedRefs>,
-            |(refs, tree)| {
-                refs.run(&tree, RunMode::All).unwrap();
-                (refs, tree)
-            },
-            BatchSize::PerIteration,
-        )
+        bench_drain(b, prefilled_tree::<LockedRefs>, |r, t| r.run(t, RunMode::All).map(drop))
     });
     g.bench_function("lockfree", |b| {
-        b.iter_batched(
-            prefilled_tree::<LockFreeRefs>,
-            |(refs, tree)| {
-                refs.run(&tree, RunMode::All).unwrap();
-                (refs, tree)
-            },
-            BatchSize::PerIteration,
-        )
+        bench_drain(b, prefilled_tree::<LockFreeRefs>, |r, t| r.run(t, RunMode::All).map(drop))
     });
     g.finish();
 }

@@ -55,25 +55,6 @@ const HOT_DATA_BASE: RefKey = RefKey::SharedData { parent: 4096 };
 /// The base backref of a hot tree block, never dropped.
 const HOT_TREE_BASE: RefKey = RefKey::TreeBlock { root: 2 };
 
-/// What one extent must look like at the end.
-#[derive(Clone, Debug, Default, PartialEq)]
-struct Want {
-    is_data: bool,
-    num_bytes: u64,
-    counts: BTreeMap<RefKey, u64>,
-    flags: u64,
-}
-
-impl Want {
-    fn total(&self) -> u64 {
-        self.counts.values().sum()
-    }
-
-    fn bump(&mut self, key: RefKey, action: Action) {
-        common::bump(&mut self.counts, key, action);
-    }
-}
-
 /// One adder's view: its own extents (exact) and its share of the hot ones.
 struct Adder<'a, D: DelayedRefs> {
     t: u64,
@@ -424,19 +405,8 @@ fn mt_round<D: DelayedRefs>(seed: u64) {
         }
         freed += a.freed_bytes;
     }
-    let items = tree.items();
-    let got: BTreeMap<u64, Want> = items
-        .iter()
-        .map(|(b, i)| {
-            assert_eq!(i.refs, i.backrefs.values().sum::<u64>());
-            (*b, Want { is_data: i.is_data, num_bytes: i.num_bytes, counts: i.backrefs.clone(), flags: i.flags })
-        })
-        .collect();
-    let bad: Vec<String> = want
-        .iter()
-        .filter(|(b, w)| got.get(b) != Some(w))
-        .map(|(b, w)| format!("extent {b:#x}:\n   want {w:?}\n    got {:?}", got.get(b)))
-        .collect();
+    let got: BTreeMap<u64, Want> = tree.items().iter().map(|(b, i)| (*b, Want::of(i))).collect();
+    let bad = oracle_diff(&want, &got);
     assert!(
         bad.is_empty(),
         "{} (seed {seed}): {} extents differ from the oracle:\n{}",

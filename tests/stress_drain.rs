@@ -84,26 +84,6 @@ struct Pub {
     ver: AtomicU64,
 }
 
-/// What one extent must look like at the end.
-#[derive(Clone, Debug, Default, PartialEq)]
-struct Want {
-    is_data: bool,
-    num_bytes: u64,
-    level: u8,
-    counts: BTreeMap<RefKey, u64>,
-    flags: u64,
-}
-
-impl Want {
-    fn total(&self) -> u64 {
-        self.counts.values().sum()
-    }
-
-    fn bump(&mut self, key: RefKey, action: Action) {
-        common::bump(&mut self.counts, key, action);
-    }
-}
-
 /// One adder: its extents (exact model) and its share of the hot ones.
 struct Adder<'a, D: DelayedRefs> {
     t: u64,
@@ -500,19 +480,11 @@ fn drain_round<D: DelayedRefs>(seed: u64, ops_per_adder: u64) {
         .items()
         .into_iter()
         .map(|(b, i)| {
-            assert_eq!(i.refs, i.backrefs.values().sum::<u64>());
             assert_eq!(i.key, None, "no op wrote a key");
-            let w =
-                Want { is_data: i.is_data, num_bytes: i.num_bytes, level: i.level, counts: i.backrefs, flags: i.flags };
-            (b, w)
+            (b, Want::of(&i))
         })
         .collect();
-    let bad: Vec<String> = want
-        .iter()
-        .filter(|(b, w)| got.get(b) != Some(w))
-        .map(|(b, w)| format!("extent {b:#x}:\n   want {w:?}\n    got {:?}", got.get(b)))
-        .take(10)
-        .collect();
+    let bad: Vec<String> = oracle_diff(&want, &got).into_iter().take(10).collect();
     assert!(bad.is_empty(), "{name} (seed {seed}): extents differ from the oracle:\n{}", bad.join("\n"));
     assert_eq!(got.len(), want.len(), "{name}: no extra extents in the tree");
     assert!(tree.pinned_bytes() <= freed, "{name}: only freed (cancelled) allocations are pinned");

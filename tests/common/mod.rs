@@ -396,6 +396,51 @@ pub fn bump(counts: &mut BTreeMap<RefKey, u64>, key: RefKey, action: Action) {
     }
 }
 
+/// What one extent must look like at the end of a multi-threaded test: the
+/// oracle side of the comparison with the extent tree.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Want {
+    pub is_data: bool,
+    pub num_bytes: u64,
+    pub level: u8,
+    pub counts: BTreeMap<RefKey, u64>,
+    pub flags: u64,
+}
+
+impl Want {
+    /// The refs the model holds (every backref count).
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// Apply one queued ref change to the model ([`bump`]).
+    pub fn bump(&mut self, key: RefKey, action: Action) {
+        bump(&mut self.counts, key, action);
+    }
+
+    /// What the extent tree holds for one item, in the same shape; checks
+    /// that its ref count is the sum of its backrefs.
+    pub fn of(item: &ExtentItem) -> Want {
+        assert_eq!(item.refs, item.backrefs.values().sum::<u64>(), "refs = sum of backrefs");
+        Want {
+            is_data: item.is_data,
+            num_bytes: item.num_bytes,
+            level: item.level,
+            counts: item.backrefs.clone(),
+            flags: item.flags,
+        }
+    }
+}
+
+/// The extents where the tree (`got`) differs from the oracle (`want`),
+/// one line pair each; extents only the tree has are not listed.
+pub fn oracle_diff(want: &BTreeMap<u64, Want>, got: &BTreeMap<u64, Want>) -> Vec<String> {
+    want.iter()
+        .filter(|(b, w)| got.get(b) != Some(w))
+        .map(|(b, w)| format!("extent {b:#x}:\n   want {w:?}\n    got {:?}", got.get(b)))
+        .collect()
+}
+
 /// A transaction handle renewed every 64 uses through `start_transaction` /
 /// `end_transaction` (spec §3.20.10), as a long-running adder would.
 #[derive(Debug, Default)]
