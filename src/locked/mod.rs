@@ -40,6 +40,14 @@ use crate::extent_tree::{ExtentInfo, ExtentTree};
 use crate::rsv::cell::LockedCell;
 use crate::rsv::handle::TransHandle;
 
+/// Stripes of `Root::heads_created`.
+const CREATED_STRIPES: usize = 32;
+
+/// The stripe of `bytenr` in `Root::heads_created`.
+fn created_stripe(bytenr: u64) -> usize {
+    (bytenr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize
+}
+
 /// What the root lock protects (spec §1.6, L1).
 #[derive(Debug, Default)]
 struct Root {
@@ -49,6 +57,10 @@ struct Root {
     pending_csums: u64,
     run_delayed_start: u64,
     qgroup: BTreeMap<u64, QgroupRecord>,
+    /// Heads ever inserted, per stripe of bytenrs: a reader that found no
+    /// head re-checks its stripe after its unlocked disk lookup
+    /// (`lookup_extent_info`).
+    heads_created: [u64; CREATED_STRIPES],
 }
 
 /// The delayed-ref root with the kernel's three locks (see module docs).
@@ -138,6 +150,7 @@ impl LockedRefs {
                 let h = Arc::new(Head::new(upd.bytenr, upd.is_data, upd.is_system, upd.reserved, inner));
                 h.linked.store(true, Ordering::Relaxed);
                 root.heads.insert(upd.bytenr, h.clone());
+                root.heads_created[created_stripe(upd.bytenr)] += 1;
                 if upd.is_data && upd.count_mod < 0 {
                     root.pending_csums = root.pending_csums.wrapping_add(upd.num_bytes);
                     trans.delayed_ref_csum_deletions += g.csum_leaves(upd.num_bytes);
@@ -241,7 +254,18 @@ impl DelayedRefs for LockedRefs {
         loop {
             let root = self.root.lock();
             let Some(h) = root.heads.get(&bytenr).cloned() else {
-                return backend.lookup(bytenr);
+                // No head: the disk alone is the answer, unless a head was
+                // created, partly run and maybe retired while the unlocked
+                // lookup read the disk (the kernel keeps the extent tree leaf
+                // locked across its lookup; this port's backend is opaque).
+                let created = root.heads_created[created_stripe(bytenr)];
+                drop(root);
+                let disk = backend.lookup(bytenr);
+                let root = self.root.lock();
+                if root.heads_created[created_stripe(bytenr)] == created {
+                    return disk;
+                }
+                continue;
             };
             // §3.17: the token hides a ref taken from the head but not yet on disk.
             let Some(token) = h.token.try_lock_arc() else {

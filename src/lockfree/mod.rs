@@ -35,6 +35,7 @@ mod counters;
 mod epoch;
 #[cfg(not(dref_loom))]
 mod head;
+mod retire_seq;
 #[cfg(not(dref_loom))]
 mod root;
 #[cfg(not(dref_loom))]

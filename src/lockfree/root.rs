@@ -14,6 +14,7 @@ use super::counters::RootCounters;
 use super::epoch::Epoch;
 use super::head::{Head, NodeMap};
 use super::index;
+use super::retire_seq::RetireSeq;
 use crate::api::{
     self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
     HeadUpdate, RunMode, RunStats,
@@ -53,6 +54,8 @@ pub struct LockFreeRefs {
     pub(super) nodes: NodeMap,
     pub(super) counters: RootCounters,
     pub(super) run_start: AtomicU64,
+    /// Bumped before every close (readers, module `retire_seq`).
+    retire_seq: RetireSeq,
     qgroup: Mutex<BTreeMap<u64, QgroupRecord>>,
     pub(super) epoch: Epoch,
 }
@@ -210,6 +213,9 @@ impl LockFreeRefs {
     /// csum accounting released, or `None` if the close CAS failed.
     pub(super) fn retire(&self, entry: &Entry<'_, '_, u64, Head>, w0: u64, guard: &Guard) -> Option<(bool, u64)> {
         let head = entry.value();
+        // Before the close: a reader that sees this head closed or gone
+        // sees the bump too (module `retire_seq`).
+        self.retire_seq.stripe(*entry.key()).bump();
         if !index::retire::<SkipList<u64, Head>>(entry, w0) {
             return None;
         }
@@ -249,6 +255,7 @@ impl DelayedRefs for LockFreeRefs {
             nodes: NodeMap::new(epoch.collector().clone()),
             counters: RootCounters::default(),
             run_start: AtomicU64::new(0),
+            retire_seq: RetireSeq::new(),
             qgroup: Mutex::new(BTreeMap::new()),
             epoch,
         }
@@ -295,10 +302,28 @@ impl DelayedRefs for LockFreeRefs {
     }
 
     fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
+        // Disk + pending as of one point inside the call (§3.17, invariant
+        // 18). Every ref applied to the disk comes from the live head of its
+        // bytenr, taken and applied inside that head's seqlock; a new head
+        // exists only after the previous one closed. So a disk read is
+        // consistent with a head's ref_mod when that head's seqlock did not
+        // move and the head was still open afterwards, and with "no pending
+        // refs" when no live head was there before or after and none was
+        // retired in between (module `retire_seq`). docs/protocols.md,
+        // "Readers", has the argument.
+        let retires = self.retire_seq.stripe(bytenr);
         loop {
+            let r1 = retires.read();
             let guard = self.pin();
-            let Some(e) = self.heads.get(&bytenr, &guard) else {
-                return backend.lookup(bytenr);
+            let live = |e: &Entry<'_, '_, u64, Head>| !e.value().state.is_closed();
+            let Some(e) = self.heads.get(&bytenr, &guard).filter(live) else {
+                let disk = backend.lookup(bytenr);
+                if self.heads.get(&bytenr, &guard).filter(live).is_none() && retires.read() == r1 {
+                    return disk;
+                }
+                drop(guard);
+                crate::sync::yield_now();
+                continue;
             };
             let head = e.value();
             // Acquire: pairs with the runner's seqlock writes (docs/protocols.md).
@@ -312,7 +337,11 @@ impl DelayedRefs for LockFreeRefs {
             let rm = head.ref_mod.load(Ordering::Acquire);
             let op = head.extent_op.load().as_deref().copied();
             let s2 = head.run_seq.load(Ordering::Acquire);
-            if s1 != s2 {
+            // Still open after s2: no newer head of this bytenr can have
+            // applied anything the lookup saw.
+            if s1 != s2 || head.state.is_closed() {
+                drop(guard);
+                crate::sync::yield_now();
                 continue;
             }
             let mut info = disk.unwrap_or(ExtentInfo { refs: 0, flags: 0 });
