@@ -51,20 +51,27 @@
 
 #![forbid(unsafe_code)]
 
-use arc_swap::ArcSwapOption;
 use std::cell::Cell;
-use std::ops::Bound;
-
-use crossbeam_epoch::Guard;
-use crossbeam_skiplist::base::{Entry, SkipList};
 
 use super::count::{self, Transition};
+use super::index::Indexed;
+use super::op_slot::OpSlot;
 use super::state::HeadState;
+use super::store::{MapEntry, OrderedMap};
 use crate::api::{HeadSnapshot, NodeSnapshot};
 use crate::domain::extent_op::ExtentOp;
 use crate::domain::key::{NodeKey, RefKey};
 use crate::domain::kind::Action;
 use crate::sync::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+/// The node map of the storage seam (module `store`): every head's ref
+/// nodes and late-ADD markers.
+pub(crate) trait NodeMap: OrderedMap<NodeIx, RefNode> {}
+
+impl<M: OrderedMap<NodeIx, RefNode>> NodeMap for M {}
+
+/// An entry of a [`NodeMap`].
+pub(crate) type NodeEntry<'g, N> = <N as OrderedMap<NodeIx, RefNode>>::Entry<'g>;
 
 /// Where a node lives in the [`NodeMap`]: its `slot` = head generation
 /// `<< 1 |` range tag ([`MARK_TAG`] or [`NODE_TAG`]), then its key (field
@@ -84,31 +91,25 @@ const NODE_TAG: u64 = 1;
 /// The smallest node key of spec §2.1's order (lowest type, zero fields and seq).
 const MIN_KEY: NodeKey = NodeKey { key: crate::domain::key::RefKey::TreeBlock { root: 0 }, seq: 0 };
 
-/// Every head's ref nodes, in one skiplist owned by the root.
-pub(crate) type NodeMap = SkipList<NodeIx, RefNode>;
-
-/// An entry of the [`NodeMap`].
-pub(crate) type NodeEntry<'g> = Entry<'g, 'g, NodeIx, RefNode>;
-
 /// The entries of one head's range in key order (zero entries included):
 /// its nodes, its markers, or both (`slot_shift` 0 compares the exact slot,
 /// 1 compares the generation only).
-pub(crate) struct HeadNodes<'g> {
-    cur: Option<NodeEntry<'g>>,
+pub(crate) struct HeadNodes<'g, N: NodeMap + 'g> {
+    cur: Option<NodeEntry<'g, N>>,
     slot: u64,
     slot_shift: u32,
 }
 
-impl HeadNodes<'_> {
-    fn owns(&self, n: &NodeEntry<'_>) -> bool {
+impl<'g, N: NodeMap + 'g> HeadNodes<'g, N> {
+    fn owns(&self, n: &NodeEntry<'g, N>) -> bool {
         n.key().slot >> self.slot_shift == self.slot >> self.slot_shift
     }
 }
 
-impl<'g> Iterator for HeadNodes<'g> {
-    type Item = NodeEntry<'g>;
+impl<'g, N: NodeMap + 'g> Iterator for HeadNodes<'g, N> {
+    type Item = NodeEntry<'g, N>;
 
-    fn next(&mut self) -> Option<NodeEntry<'g>> {
+    fn next(&mut self) -> Option<NodeEntry<'g, N>> {
         let cur = self.cur.take()?;
         self.cur = cur.next().filter(|n| self.owns(n));
         Some(cur)
@@ -119,7 +120,9 @@ impl<'g> Iterator for HeadNodes<'g> {
 /// each thread takes blocks of ids from a global counter.
 fn next_gen() -> u64 {
     const BLOCK: u64 = 1 << 16;
-    static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
+    // A std atomic even under the models: an id source, not a protocol
+    // (and loom's atomics cannot live in a static).
+    static NEXT_BLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     thread_local! {
         static IDS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     }
@@ -127,7 +130,7 @@ fn next_gen() -> u64 {
         let (mut next, mut end) = ids.get();
         if next == end {
             // Relaxed: only uniqueness matters, which the RMW gives.
-            next = NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
+            next = NEXT_BLOCK.fetch_add(BLOCK, std::sync::atomic::Ordering::Relaxed);
             end = next + BLOCK;
         }
         ids.set((next + 1, end));
@@ -143,7 +146,14 @@ fn next_gen() -> u64 {
 /// `likely_new` skips the plain lookup and goes straight to the insert's own
 /// search (one search instead of two when the entry is usually absent; the
 /// insert returns a refcounted entry, which costs two RMWs when present).
-fn change_entry(map: &NodeMap, ix: NodeIx, delta: i64, level: Option<u8>, likely_new: bool, guard: &Guard) -> i64 {
+fn change_entry<N: NodeMap>(
+    map: &N,
+    ix: NodeIx,
+    delta: i64,
+    level: Option<u8>,
+    likely_new: bool,
+    guard: &N::Guard,
+) -> i64 {
     loop {
         let found = if likely_new { None } else { map.get(&ix, guard) };
         let res = match found {
@@ -151,13 +161,21 @@ fn change_entry(map: &NodeMap, ix: NodeIx, delta: i64, level: Option<u8>, likely
                 e.remove();
                 continue;
             }
-            Some(e) => count::change(&e.value().count, delta).map_err(|_| e.remove()),
+            Some(e) => count::change(&e.value().count, delta).map_err(|_| {
+                e.remove();
+            }),
             None => {
                 let level = level.unwrap_or(0);
-                let e = map.get_or_insert_with(ix, || RefNode { count: AtomicI64::new(0), level }, guard);
-                let res = count::change(&e.value().count, delta).map_err(|_| e.remove(guard));
-                e.release(guard);
-                res
+                let make = || RefNode { count: AtomicI64::new(0), level };
+                map.upsert(
+                    ix,
+                    make,
+                    |n| match count::change(&n.count, delta) {
+                        Ok(old) => (Ok(old), false),
+                        Err(_) => (Err(()), true),
+                    },
+                    guard,
+                )
             }
         };
         match res {
@@ -189,7 +207,7 @@ pub(crate) struct Head {
     pub total_ref_mod: AtomicI64,
     pub owning_root: AtomicU64,
     pub must_insert_reserved: AtomicBool,
-    pub extent_op: ArcSwapOption<ExtentOp>,
+    pub extent_op: OpSlot,
     /// Bumped after an adder noted a late ADD (a marker, see the module
     /// docs): the runner's drop phase runs the marked ADDs when it moves.
     pub add_epoch: AtomicU64,
@@ -213,7 +231,7 @@ impl Head {
             total_ref_mod: AtomicI64::new(0),
             owning_root: AtomicU64::new(0),
             must_insert_reserved: AtomicBool::new(false),
-            extent_op: ArcSwapOption::empty(),
+            extent_op: OpSlot::new(),
             add_epoch: AtomicU64::new(0),
             run_seq: AtomicU64::new(0),
         }
@@ -227,49 +245,54 @@ impl Head {
         NodeIx { slot: self.slot(NODE_TAG), key }
     }
 
-    fn range<'g>(&self, map: &'g NodeMap, tag: u64, slot_shift: u32, guard: &'g Guard) -> HeadNodes<'g> {
+    fn range<'g, N: NodeMap>(&self, map: &'g N, tag: u64, slot_shift: u32, guard: &'g N::Guard) -> HeadNodes<'g, N> {
         self.range_from(map, tag, MIN_KEY, slot_shift, guard)
     }
 
-    fn range_from<'g>(
+    fn range_from<'g, N: NodeMap>(
         &self,
-        map: &'g NodeMap,
+        map: &'g N,
         tag: u64,
         from: NodeKey,
         slot_shift: u32,
-        guard: &'g Guard,
-    ) -> HeadNodes<'g> {
+        guard: &'g N::Guard,
+    ) -> HeadNodes<'g, N> {
         let start = NodeIx { slot: self.slot(tag), key: from };
         let mut it = HeadNodes { cur: None, slot: self.slot(tag), slot_shift };
-        let first = map.lower_bound(Bound::Included(&start), guard).filter(|n| it.owns(n));
+        let first = map.lower_bound(&start, guard).filter(|n| it.owns(n));
         it.cur = first;
         it
     }
 
     /// This head's nodes in `map`, in key order.
-    pub(crate) fn nodes<'g>(&self, map: &'g NodeMap, guard: &'g Guard) -> HeadNodes<'g> {
+    pub(crate) fn nodes<'g, N: NodeMap>(&self, map: &'g N, guard: &'g N::Guard) -> HeadNodes<'g, N> {
         self.range(map, NODE_TAG, 0, guard)
     }
 
     /// This head's nodes of one backref identity (same `RefKey`, any seq:
     /// contiguous in §2.1 order), in key order.
-    pub(crate) fn identity_nodes<'g>(
+    pub(crate) fn identity_nodes<'g, N: NodeMap>(
         &self,
-        map: &'g NodeMap,
+        map: &'g N,
         key: RefKey,
-        guard: &'g Guard,
-    ) -> impl Iterator<Item = NodeEntry<'g>> {
+        guard: &'g N::Guard,
+    ) -> impl Iterator<Item = NodeEntry<'g, N>> + use<'g, N> {
         self.range_from(map, NODE_TAG, NodeKey { key, seq: 0 }, 0, guard)
             .take_while(move |n| n.key().key.key.cmp_identity(&key) == std::cmp::Ordering::Equal)
     }
 
     /// This head's late-ADD markers in `map`, in key order.
-    pub(crate) fn markers<'g>(&self, map: &'g NodeMap, guard: &'g Guard) -> HeadNodes<'g> {
+    pub(crate) fn markers<'g, N: NodeMap>(&self, map: &'g N, guard: &'g N::Guard) -> HeadNodes<'g, N> {
         self.range(map, MARK_TAG, 0, guard)
     }
 
     /// The node `key` of this head, if it is in `map` (zero nodes included).
-    pub(crate) fn node<'g>(&self, map: &'g NodeMap, key: NodeKey, guard: &'g Guard) -> Option<NodeEntry<'g>> {
+    pub(crate) fn node<'g, N: NodeMap>(
+        &self,
+        map: &'g N,
+        key: NodeKey,
+        guard: &'g N::Guard,
+    ) -> Option<NodeEntry<'g, N>> {
         map.get(&self.ix(key), guard)
     }
 
@@ -277,14 +300,21 @@ impl Head {
     /// A node killed meanwhile is helped out of the map and the change
     /// retried into a fresh node (module `count`). Adders, and the runner
     /// when it puts counts back or folds a merge, all come through here.
-    pub(crate) fn change_node(&self, map: &NodeMap, key: NodeKey, delta: i64, level: u8, guard: &Guard) -> Transition {
+    pub(crate) fn change_node<N: NodeMap>(
+        &self,
+        map: &N,
+        key: NodeKey,
+        delta: i64,
+        level: u8,
+        guard: &N::Guard,
+    ) -> Transition {
         let old = change_entry(map, self.ix(key), delta, Some(level), false, guard);
         Transition::of(old, old + delta)
     }
 
     /// Note a late ADD at `key` (see the module docs): called by the adder
     /// that made the node an ADD, still inside, while a runner holds the head.
-    pub(crate) fn note_late_add(&self, map: &NodeMap, key: NodeKey, guard: &Guard) {
+    pub(crate) fn note_late_add<N: NodeMap>(&self, map: &N, key: NodeKey, guard: &N::Guard) {
         let ix = NodeIx { slot: self.slot(MARK_TAG), key };
         change_entry(map, ix, 1, None, true, guard);
         // Release: after the marker is in the map; pairs with the runner's
@@ -293,7 +323,7 @@ impl Head {
     }
 
     /// Whether any node is non-zero.
-    pub(crate) fn has_refs(&self, map: &NodeMap, guard: &Guard) -> bool {
+    pub(crate) fn has_refs<N: NodeMap>(&self, map: &N, guard: &N::Guard) -> bool {
         self.nodes(map, guard).any(|n| count::peek(&n.value().count) != 0)
     }
 
@@ -302,7 +332,7 @@ impl Head {
     /// are only noted by adders inside, so none comes later). Their memory
     /// goes through the epoch like the head's.
     /// Returns how many live (not killed) entries it unlinked.
-    pub(crate) fn unlink_nodes(&self, map: &NodeMap, guard: &Guard) -> usize {
+    pub(crate) fn unlink_nodes<N: NodeMap>(&self, map: &N, guard: &N::Guard) -> usize {
         debug_assert!(self.state.is_closed());
         self.range(map, MARK_TAG, 1, guard)
             // Relaxed: the head is closed, the count no longer changes; the
@@ -313,20 +343,15 @@ impl Head {
 
     /// Merge an update into the extent op (spec §3.6 step 4).
     pub(crate) fn merge_op(&self, upd: &ExtentOp) {
-        self.extent_op.rcu(|cur| Some(std::sync::Arc::new(ExtentOp::merged(cur.as_deref(), upd))));
+        self.extent_op.merge(upd);
     }
 
     /// Put an op taken by a failed run back, merging a newer one over it.
     pub(crate) fn restore_op(&self, op: ExtentOp) {
-        self.extent_op.rcu(|cur| {
-            Some(std::sync::Arc::new(match cur.as_deref() {
-                None => op,
-                Some(newer) => ExtentOp::merged(Some(&op), newer),
-            }))
-        });
+        self.extent_op.restore(op);
     }
 
-    pub(crate) fn snapshot(&self, bytenr: u64, map: &NodeMap, guard: &Guard) -> HeadSnapshot {
+    pub(crate) fn snapshot<N: NodeMap>(&self, bytenr: u64, map: &N, guard: &N::Guard) -> HeadSnapshot {
         let mut nodes = Vec::new();
         for n in self.nodes(map, guard) {
             let c = count::peek(&n.value().count);
@@ -350,13 +375,19 @@ impl Head {
             processing: self.state.load() & super::state::PROCESSING != 0,
             owning_root: self.owning_root.load(Ordering::Acquire),
             reserved_bytes: self.reserved_bytes,
-            extent_op: self.extent_op.load().as_deref().copied(),
+            extent_op: self.extent_op.get(),
             nodes,
         }
     }
 }
 
-#[cfg(test)]
+impl Indexed for Head {
+    fn state(&self) -> &HeadState {
+        &self.state
+    }
+}
+
+#[cfg(all(test, not(any(dref_loom, dref_shuttle))))]
 mod tests {
     use super::*;
 

@@ -26,20 +26,17 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod count;
-pub(crate) mod index;
-pub(crate) mod state;
-
-#[cfg(not(dref_loom))]
 mod counters;
-#[cfg(not(dref_loom))]
+#[cfg(not(any(dref_loom, dref_shuttle)))]
 mod epoch;
-#[cfg(not(dref_loom))]
-mod head;
+pub(crate) mod head;
+pub(crate) mod index;
+mod op_slot;
 mod retire_seq;
-#[cfg(not(dref_loom))]
-mod root;
-#[cfg(not(dref_loom))]
+pub(crate) mod root;
 mod run;
+pub(crate) mod state;
+pub(crate) mod store;
 
-#[cfg(not(dref_loom))]
+#[cfg(not(any(dref_loom, dref_shuttle)))]
 pub use root::LockFreeRefs;

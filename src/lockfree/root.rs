@@ -5,16 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crossbeam_epoch::Guard;
-use crossbeam_skiplist::base::{Entry, SkipList};
-use parking_lot::Mutex;
-
 use super::count::Transition;
 use super::counters::RootCounters;
-use super::epoch::Epoch;
-use super::head::{Head, NodeMap};
+use super::head::Head;
 use super::index;
 use super::retire_seq::RetireSeq;
+use super::store::{HeadEntry, MapEntry, OrderedMap, Stores};
 use crate::api::{
     self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
     HeadUpdate, RunMode, RunStats,
@@ -28,63 +24,67 @@ use crate::error::{Error, Result};
 use crate::extent_tree::{ExtentInfo, ExtentTree};
 use crate::rsv::cell::AtomicCell;
 use crate::rsv::handle::TransHandle;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Mutex, Ordering};
 
-/// The lock-free delayed-ref root (see the module docs of `lockfree`).
-///
-/// ```
-/// use delayed_refs::{Action, DelayedRefs, ExtentTree, FsConfig, GenericRef, LockFreeRefs, MemExtentTree,
-///     RunMode, TransHandle};
-/// let refs = LockFreeRefs::new(FsConfig::default());
-/// let tree = MemExtentTree::new();
-/// let mut h = TransHandle::new();
-/// let r = GenericRef::new(Action::AddExtent, 1 << 20, 4096, 0, 5).data(5, 257, 0, 0, false);
-/// refs.add_data_ref(&mut h, &r, 4096).unwrap();
-/// std::thread::scope(|s| {
-///     s.spawn(|| refs.run(&tree, RunMode::All).unwrap());
-/// });
-/// assert_eq!(tree.lookup(1 << 20).unwrap().refs, 1);
-/// ```
-pub struct LockFreeRefs {
+/// The lock-free engine over its stores (module `store`): everything the
+/// add, run, reader, cleanup and destroy paths do. [`LockFreeRefs`] is this
+/// engine on crossbeam's skiplists; the loom and shuttle models run it on
+/// the mock stores.
+pub(crate) struct Engine<S: Stores> {
     pub(super) fs: Arc<FsShared<AtomicCell>>,
-    // Field order matters: the index (and the heads in it) drop before the
-    // collector that owns their garbage.
-    pub(super) heads: SkipList<u64, Head>,
+    // Field order matters: the index (and the heads in it) and the node map
+    // drop before the reclamation domain that owns their garbage.
+    pub(super) heads: S::Heads,
     /// Every head's ref nodes (see `head`).
-    pub(super) nodes: NodeMap,
+    pub(super) nodes: S::Nodes,
     pub(super) counters: RootCounters,
     pub(super) run_start: AtomicU64,
     /// Bumped before every close (readers, module `retire_seq`).
     retire_seq: RetireSeq,
     qgroup: Mutex<BTreeMap<u64, QgroupRecord>>,
-    pub(super) epoch: Epoch,
+    stores: S,
 }
 
-impl std::fmt::Debug for LockFreeRefs {
+impl<S: Stores> std::fmt::Debug for Engine<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LockFreeRefs").field("counters", &self.counters()).finish_non_exhaustive()
     }
 }
 
-impl Drop for LockFreeRefs {
+impl<S: Stores> Drop for Engine<S> {
     fn drop(&mut self) {
-        // The lists free their live entries when their fields drop; what
+        // The maps free their live entries when their fields drop; what
         // runs and cleanups retired is freed with the collector (the last
         // handle to it goes with the last thread that cached one). Nothing
         // retired holds the collector, so there is no cycle to break; drop
         // this thread's cached handle so the collector can go now.
-        self.epoch.forget_local();
+        self.stores.forget_local();
     }
 }
 
-impl LockFreeRefs {
-    pub(super) fn pin(&self) -> Guard {
-        self.epoch.pin()
+impl<S: Stores> Engine<S> {
+    /// A fresh engine on fresh stores.
+    pub(crate) fn with_fs(fs: Arc<FsShared<AtomicCell>>) -> Self {
+        let (stores, heads, nodes) = S::create();
+        Engine {
+            fs,
+            heads,
+            nodes,
+            counters: RootCounters::default(),
+            run_start: AtomicU64::new(0),
+            retire_seq: RetireSeq::new(),
+            qgroup: Mutex::new(BTreeMap::new()),
+            stores,
+        }
+    }
+
+    pub(super) fn pin(&self) -> S::Guard {
+        self.stores.pin()
     }
 
     /// Find the head for `upd.bytenr` or insert a fresh one, and enter it as
     /// an adder (hazard 1; the protocol is `index::enter`).
-    fn enter_head<'g>(&'g self, upd: &HeadUpdate, guard: &'g Guard) -> (Entry<'g, 'g, u64, Head>, bool) {
+    fn enter_head<'g>(&'g self, upd: &HeadUpdate, guard: &'g S::Guard) -> (HeadEntry<'g, S>, bool) {
         // The constructor may run and be discarded (BRIEF §4): no side effects.
         let make = || Head::new(upd.num_bytes, upd.is_data, upd.is_system, upd.reserved);
         index::enter(&self.heads, upd.bytenr, make, guard)
@@ -115,7 +115,7 @@ impl LockFreeRefs {
         }
         let mut out = AddOutcome { merged: false, qgroup_record_inserted: false };
         if let Some(rec) = rec {
-            let mut q = self.qgroup.lock();
+            let mut q = self.qgroup.lock().unwrap_or_else(|e| e.into_inner());
             match q.entry(rec.bytenr) {
                 std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().absorb(&rec),
                 std::collections::btree_map::Entry::Vacant(v) => {
@@ -186,6 +186,7 @@ impl LockFreeRefs {
             Some(key) => head.state.exit_noting(|| head.note_late_add(&self.nodes, key, &guard)),
             None => head.state.exit(),
         }
+        drop(entry);
         drop(guard);
         // §3.20.3, after publishing (spec §5.12: size may wrap meanwhile).
         self.fs.reserves.update_delayed_refs_rsv(trans);
@@ -211,12 +212,12 @@ impl LockFreeRefs {
     /// Retire a claimed head whose list the caller found empty: close from
     /// `w0`, unlink, account (§3.15, §3.16.7 steps 3-5). Returns the bytes the
     /// csum accounting released, or `None` if the close CAS failed.
-    pub(super) fn retire(&self, entry: &Entry<'_, '_, u64, Head>, w0: u64, guard: &Guard) -> Option<(bool, u64)> {
+    pub(super) fn retire(&self, entry: &HeadEntry<'_, S>, w0: u64, guard: &S::Guard) -> Option<(bool, u64)> {
         let head = entry.value();
         // Before the close: a reader that sees this head closed or gone
         // sees the bump too (module `retire_seq`).
         self.retire_seq.stripe(*entry.key()).bump();
-        if !index::retire::<SkipList<u64, Head>>(entry, w0) {
+        if !index::retire(entry, w0) {
             return None;
         }
         let nodes = head.unlink_nodes(&self.nodes, guard);
@@ -243,39 +244,29 @@ impl LockFreeRefs {
     }
 }
 
-impl DelayedRefs for LockFreeRefs {
-    type Cell = AtomicCell;
-    const NAME: &'static str = "lockfree";
-
-    fn with_fs(fs: Arc<FsShared<AtomicCell>>) -> Self {
-        let epoch = Epoch::new();
-        LockFreeRefs {
-            fs,
-            heads: SkipList::new(epoch.collector().clone()),
-            nodes: NodeMap::new(epoch.collector().clone()),
-            counters: RootCounters::default(),
-            run_start: AtomicU64::new(0),
-            retire_seq: RetireSeq::new(),
-            qgroup: Mutex::new(BTreeMap::new()),
-            epoch,
-        }
-    }
-
-    fn fs(&self) -> &Arc<FsShared<AtomicCell>> {
-        &self.fs
-    }
-
-    fn add_tree_ref(&self, trans: &mut TransHandle, gref: &GenericRef, op: Option<ExtentOp>) -> Result<AddOutcome> {
+impl<S: Stores> Engine<S> {
+    pub(crate) fn add_tree_ref(
+        &self,
+        trans: &mut TransHandle,
+        gref: &GenericRef,
+        op: Option<ExtentOp>,
+    ) -> Result<AddOutcome> {
         api::validate_tree_ref(gref)?;
         self.add_ref(trans, gref, 0, op)
     }
 
-    fn add_data_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64) -> Result<AddOutcome> {
+    pub(crate) fn add_data_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64) -> Result<AddOutcome> {
         api::validate_data_ref(gref, reserved)?;
         self.add_ref(trans, gref, reserved, None)
     }
 
-    fn add_extent_op(&self, trans: &mut TransHandle, bytenr: u64, num_bytes: u64, op: ExtentOp) -> Result<()> {
+    pub(crate) fn add_extent_op(
+        &self,
+        trans: &mut TransHandle,
+        bytenr: u64,
+        num_bytes: u64,
+        op: ExtentOp,
+    ) -> Result<()> {
         api::validate_extent_op(bytenr, num_bytes)?;
         let upd = HeadUpdate::for_extent_op(bytenr, num_bytes, op);
         self.add_inner(trans, upd, None, None)?;
@@ -283,7 +274,7 @@ impl DelayedRefs for LockFreeRefs {
         Ok(())
     }
 
-    fn find_head(&self, bytenr: u64) -> Option<HeadSnapshot> {
+    pub(crate) fn find_head(&self, bytenr: u64) -> Option<HeadSnapshot> {
         let guard = self.pin();
         let e = self.heads.get(&bytenr, &guard)?;
         let w = e.value().state.load();
@@ -293,15 +284,15 @@ impl DelayedRefs for LockFreeRefs {
         Some(e.value().snapshot(bytenr, &self.nodes, &guard))
     }
 
-    fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
+    pub(crate) fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
         super::run::run_one(self, backend)
     }
 
-    fn run<B: ExtentTree + ?Sized>(&self, backend: &B, mode: RunMode) -> Result<RunStats> {
+    pub(crate) fn run<B: ExtentTree + ?Sized>(&self, backend: &B, mode: RunMode) -> Result<RunStats> {
         super::run::run(self, backend, mode)
     }
 
-    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
+    pub(crate) fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
         // Disk + pending as of one point inside the call (§3.17, invariant
         // 18). Every ref applied to the disk comes from the live head of its
         // bytenr, taken and applied inside that head's seqlock; a new head
@@ -311,55 +302,56 @@ impl DelayedRefs for LockFreeRefs {
         // refs" when no live head was there before or after and none was
         // retired in between (module `retire_seq`). docs/protocols.md,
         // "Readers", has the argument.
-        let retires = self.retire_seq.stripe(bytenr);
         loop {
-            let r1 = retires.read();
-            let guard = self.pin();
-            let live = |e: &Entry<'_, '_, u64, Head>| !e.value().state.is_closed();
-            let Some(e) = self.heads.get(&bytenr, &guard).filter(live) else {
-                let disk = backend.lookup(bytenr);
-                if self.heads.get(&bytenr, &guard).filter(live).is_none() && retires.read() == r1 {
-                    return disk;
-                }
-                drop(guard);
-                crate::sync::yield_now();
-                continue;
-            };
-            let head = e.value();
-            // Acquire: pairs with the runner's seqlock writes (docs/protocols.md).
-            let s1 = head.run_seq.load(Ordering::Acquire);
-            if s1 & 1 == 1 {
-                drop(guard);
-                crate::sync::yield_now();
-                continue;
+            match self.try_lookup(backend, bytenr) {
+                Some(info) => return info,
+                None => crate::sync::yield_now(),
             }
-            let disk = backend.lookup(bytenr);
-            let rm = head.ref_mod.load(Ordering::Acquire);
-            let op = head.extent_op.load().as_deref().copied();
-            let s2 = head.run_seq.load(Ordering::Acquire);
-            // Still open after s2: no newer head of this bytenr can have
-            // applied anything the lookup saw.
-            if s1 != s2 || head.state.is_closed() {
-                drop(guard);
-                crate::sync::yield_now();
-                continue;
-            }
-            let mut info = disk.unwrap_or(ExtentInfo { refs: 0, flags: 0 });
-            if let Some(op) = op.filter(|o| o.update_flags) {
-                info.flags |= op.flags_to_set;
-            }
-            info.refs = (info.refs as i64).wrapping_add(rm) as u64;
-            return Some(info);
         }
     }
 
-    fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome {
+    /// One attempt of [`Engine::lookup_extent_info`]; `None`: retry (its
+    /// guard is dropped first, so a waiting reader does not hold the epoch).
+    fn try_lookup<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<Option<ExtentInfo>> {
+        let retires = self.retire_seq.stripe(bytenr);
+        let r1 = retires.read();
+        let guard = self.pin();
+        let live = |e: &HeadEntry<'_, S>| !e.value().state.is_closed();
+        let Some(e) = self.heads.get(&bytenr, &guard).filter(live) else {
+            let disk = backend.lookup(bytenr);
+            let calm = self.heads.get(&bytenr, &guard).filter(live).is_none() && retires.read() == r1;
+            return calm.then_some(disk);
+        };
+        let head = e.value();
+        // Acquire: pairs with the runner's seqlock writes (docs/protocols.md).
+        let s1 = head.run_seq.load(Ordering::Acquire);
+        if s1 & 1 == 1 {
+            return None;
+        }
+        let disk = backend.lookup(bytenr);
+        let rm = head.ref_mod.load(Ordering::Acquire);
+        let op = head.extent_op.get();
+        let s2 = head.run_seq.load(Ordering::Acquire);
+        // Still open after s2: no newer head of this bytenr can have
+        // applied anything the lookup saw.
+        if s1 != s2 || head.state.is_closed() {
+            return None;
+        }
+        let mut info = disk.unwrap_or(ExtentInfo { refs: 0, flags: 0 });
+        if let Some(op) = op.filter(|o| o.update_flags) {
+            info.flags |= op.flags_to_set;
+        }
+        info.refs = (info.refs as i64).wrapping_add(rm) as u64;
+        Some(Some(info))
+    }
+
+    pub(crate) fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome {
         let guard = self.pin();
         let Some(e) = self.heads.get(&bytenr, &guard) else { return CleanupOutcome::NoHead };
         let head = e.value();
         let busy = |h: &Head| {
             h.has_refs(&self.nodes, &guard)
-                || (h.extent_op.load().is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
+                || (h.extent_op.is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
         };
         if busy(head) || !head.state.try_claim() {
             return CleanupOutcome::Busy;
@@ -370,12 +362,12 @@ impl DelayedRefs for LockFreeRefs {
             self.unselect(head);
             return CleanupOutcome::Busy;
         }
-        let op = head.extent_op.swap(None);
+        let op = head.extent_op.take();
         match self.retire(&e, w0, &guard) {
             Some((mir, _)) => CleanupOutcome::Deleted { must_insert_reserved: mir },
             None => {
                 if let Some(op) = op {
-                    head.restore_op(*op);
+                    head.restore_op(op);
                 }
                 self.unselect(head);
                 CleanupOutcome::Busy
@@ -383,55 +375,62 @@ impl DelayedRefs for LockFreeRefs {
         }
     }
 
-    fn destroy<B: ExtentTree + ?Sized>(&self, backend: &B) -> DestroyStats {
+    pub(crate) fn destroy<B: ExtentTree + ?Sized>(&self, backend: &B) -> DestroyStats {
         let mut stats = DestroyStats::default();
-        loop {
-            let guard = self.pin();
-            let Some(e) = self.heads.front(&guard) else { break };
-            let head = e.value();
-            if head.state.is_closed() {
-                e.remove();
-                continue;
-            }
-            if !head.state.try_claim() {
-                // A runner holds it (or it is unborn): wait for it.
-                drop(guard);
+        while let Some(busy) = self.destroy_front(backend, &mut stats) {
+            if busy {
+                // A runner holds the first head (or it is unborn): wait for it.
                 crate::sync::yield_now();
-                continue;
-            }
-            self.counters.num_heads_ready.add(-1);
-            for node in head.nodes(&self.nodes, &guard) {
-                let v = super::count::take_all(&node.value().count);
-                if v != 0 {
-                    head.ref_mod.fetch_sub(v, Ordering::AcqRel);
-                    self.counters.num_entries.add(-1);
-                    self.fs.reserves.delayed_refs_rsv_release(1, 0);
-                    stats.nodes += 1;
-                }
-            }
-            let w0 = head.state.load();
-            if head.has_refs(&self.nodes, &guard) {
-                self.unselect(head);
-                continue;
-            }
-            match self.retire(&e, w0, &guard) {
-                Some((mir, _)) => {
-                    // Closed: no adder can merge into the op any more; drop it.
-                    head.extent_op.swap(None);
-                    stats.heads += 1;
-                    if mir {
-                        let nb = head.num_bytes.load(Ordering::Acquire);
-                        backend.pin_reserved(*e.key(), nb, head.is_data);
-                        stats.pinned_bytes += nb;
-                    }
-                }
-                None => self.unselect(head),
             }
         }
         stats
     }
 
-    fn counters(&self) -> Counters {
+    /// One step of [`Engine::destroy`] on the first head: `None` when the
+    /// index is empty, `Some(true)` when that head is claimed by another.
+    fn destroy_front<B: ExtentTree + ?Sized>(&self, backend: &B, stats: &mut DestroyStats) -> Option<bool> {
+        let guard = self.pin();
+        let e = self.heads.front(&guard)?;
+        let head = e.value();
+        if head.state.is_closed() {
+            e.remove();
+            return Some(false);
+        }
+        if !head.state.try_claim() {
+            return Some(true);
+        }
+        self.counters.num_heads_ready.add(-1);
+        for node in head.nodes(&self.nodes, &guard) {
+            let v = super::count::take_all(&node.value().count);
+            if v != 0 {
+                head.ref_mod.fetch_sub(v, Ordering::AcqRel);
+                self.counters.num_entries.add(-1);
+                self.fs.reserves.delayed_refs_rsv_release(1, 0);
+                stats.nodes += 1;
+            }
+        }
+        let w0 = head.state.load();
+        if head.has_refs(&self.nodes, &guard) {
+            self.unselect(head);
+            return Some(false);
+        }
+        match self.retire(&e, w0, &guard) {
+            Some((mir, _)) => {
+                // Closed: no adder can merge into the op any more; drop it.
+                head.extent_op.take();
+                stats.heads += 1;
+                if mir {
+                    let nb = head.num_bytes.load(Ordering::Acquire);
+                    backend.pin_reserved(*e.key(), nb, head.is_data);
+                    stats.pinned_bytes += nb;
+                }
+            }
+            None => self.unselect(head),
+        }
+        Some(false)
+    }
+
+    pub(crate) fn counters(&self) -> Counters {
         // Exact at quiescence. While threads work, stripes are read at
         // different moments and a sum can dip below zero: read that as 0
         // rather than as a huge unsigned count.
@@ -444,7 +443,7 @@ impl DelayedRefs for LockFreeRefs {
         }
     }
 
-    fn snapshot(&self) -> Vec<HeadSnapshot> {
+    pub(crate) fn snapshot(&self) -> Vec<HeadSnapshot> {
         let guard = self.pin();
         let mut out = Vec::new();
         let mut e = self.heads.front(&guard);
@@ -458,17 +457,112 @@ impl DelayedRefs for LockFreeRefs {
         out
     }
 
-    fn qgroup_records(&self) -> Vec<QgroupRecord> {
-        self.qgroup.lock().values().copied().collect()
+    pub(crate) fn qgroup_records(&self) -> Vec<QgroupRecord> {
+        self.qgroup.lock().unwrap_or_else(|e| e.into_inner()).values().copied().collect()
     }
 
-    fn reclaim(&self) {
+    pub(crate) fn reclaim(&self) {
         let n = self.counters.retired.sum().max(0);
-        self.epoch.reclaim(n as u64);
+        self.stores.reclaim(n as u64);
         self.counters.retired.add(-n);
     }
 
+    pub(crate) fn release_thread(&self) {
+        self.stores.forget_local();
+    }
+}
+
+/// The lock-free delayed-ref root (see the module docs of `lockfree`).
+///
+/// ```
+/// use delayed_refs::{Action, DelayedRefs, ExtentTree, FsConfig, GenericRef, LockFreeRefs, MemExtentTree,
+///     RunMode, TransHandle};
+/// let refs = LockFreeRefs::new(FsConfig::default());
+/// let tree = MemExtentTree::new();
+/// let mut h = TransHandle::new();
+/// let r = GenericRef::new(Action::AddExtent, 1 << 20, 4096, 0, 5).data(5, 257, 0, 0, false);
+/// refs.add_data_ref(&mut h, &r, 4096).unwrap();
+/// std::thread::scope(|s| {
+///     s.spawn(|| refs.run(&tree, RunMode::All).unwrap());
+/// });
+/// assert_eq!(tree.lookup(1 << 20).unwrap().refs, 1);
+/// ```
+#[cfg(not(any(dref_loom, dref_shuttle)))]
+pub struct LockFreeRefs(Engine<super::store::SkipStores>);
+
+#[cfg(not(any(dref_loom, dref_shuttle)))]
+impl std::fmt::Debug for LockFreeRefs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(not(any(dref_loom, dref_shuttle)))]
+impl DelayedRefs for LockFreeRefs {
+    type Cell = AtomicCell;
+    const NAME: &'static str = "lockfree";
+
+    fn with_fs(fs: Arc<FsShared<AtomicCell>>) -> Self {
+        LockFreeRefs(Engine::with_fs(fs))
+    }
+
+    fn fs(&self) -> &Arc<FsShared<AtomicCell>> {
+        &self.0.fs
+    }
+
+    fn add_tree_ref(&self, trans: &mut TransHandle, gref: &GenericRef, op: Option<ExtentOp>) -> Result<AddOutcome> {
+        self.0.add_tree_ref(trans, gref, op)
+    }
+
+    fn add_data_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64) -> Result<AddOutcome> {
+        self.0.add_data_ref(trans, gref, reserved)
+    }
+
+    fn add_extent_op(&self, trans: &mut TransHandle, bytenr: u64, num_bytes: u64, op: ExtentOp) -> Result<()> {
+        self.0.add_extent_op(trans, bytenr, num_bytes, op)
+    }
+
+    fn find_head(&self, bytenr: u64) -> Option<HeadSnapshot> {
+        self.0.find_head(bytenr)
+    }
+
+    fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
+        self.0.run_one(backend)
+    }
+
+    fn run<B: ExtentTree + ?Sized>(&self, backend: &B, mode: RunMode) -> Result<RunStats> {
+        self.0.run(backend, mode)
+    }
+
+    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
+        self.0.lookup_extent_info(backend, bytenr)
+    }
+
+    fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome {
+        self.0.check_ref_cleanup(bytenr)
+    }
+
+    fn destroy<B: ExtentTree + ?Sized>(&self, backend: &B) -> DestroyStats {
+        self.0.destroy(backend)
+    }
+
+    fn counters(&self) -> Counters {
+        self.0.counters()
+    }
+
+    fn snapshot(&self) -> Vec<HeadSnapshot> {
+        self.0.snapshot()
+    }
+
+    fn qgroup_records(&self) -> Vec<QgroupRecord> {
+        self.0.qgroup_records()
+    }
+
+    fn reclaim(&self) {
+        self.0.reclaim()
+    }
+
     fn release_thread(&self) {
-        self.epoch.forget_local();
+        self.0.release_thread()
     }
 }

@@ -21,15 +21,11 @@
 
 #![forbid(unsafe_code)]
 
-use std::ops::Bound;
-
-use crossbeam_epoch::Guard;
-use crossbeam_skiplist::base::Entry;
-
 use super::count::{self, Transition};
-use super::head::{Head, NodeEntry};
-use super::root::LockFreeRefs;
+use super::head::{Head, NodeEntry, RefNode};
+use super::root::Engine;
 use super::state::adders;
+use super::store::{HeadEntry, MapEntry, OrderedMap, Stores};
 use crate::api::{HeadOutcome, RunMode, RunStats};
 use crate::domain::key::{NodeKey, RefKey, comp_refs};
 use crate::domain::kind::Action;
@@ -38,7 +34,8 @@ use crate::error::{Error, Result};
 use crate::extent_tree::{ExtentTree, RefRun};
 use crate::sync::Ordering;
 
-type HeadEntry<'g> = Entry<'g, 'g, u64, Head>;
+/// An entry of the engine's node map.
+type Node<'g, S> = NodeEntry<'g, <S as Stores>::Nodes>;
 
 /// A head held by this runner's claim, with its bytenr (the index key: the
 /// head does not store it).
@@ -57,9 +54,9 @@ impl std::ops::Deref for Claimed<'_> {
 
 /// `btrfs_select_ref_head` (spec §3.13): round-robin from the cursor,
 /// claiming in place.
-fn select<'g>(refs: &'g LockFreeRefs, guard: &'g Guard) -> Option<HeadEntry<'g>> {
+fn select<'g, S: Stores>(refs: &'g Engine<S>, guard: &'g S::Guard) -> Option<HeadEntry<'g, S>> {
     let start = refs.run_start.load(Ordering::Relaxed);
-    let scan = |mut e: Option<HeadEntry<'g>>, stop: Option<u64>| {
+    let scan = |mut e: Option<HeadEntry<'g, S>>, stop: Option<u64>| {
         while let Some(x) = e {
             if stop.is_some_and(|s| *x.key() >= s) {
                 break;
@@ -74,7 +71,7 @@ fn select<'g>(refs: &'g LockFreeRefs, guard: &'g Guard) -> Option<HeadEntry<'g>>
         }
         None
     };
-    let picked = scan(refs.heads.lower_bound(Bound::Included(&start), guard), None)
+    let picked = scan(refs.heads.lower_bound(&start, guard), None)
         .or_else(|| if start != 0 { scan(refs.heads.front(guard), Some(start)) } else { None });
     match &picked {
         Some(x) => {
@@ -99,13 +96,13 @@ enum Take {
 
 /// Take one node's count and run it (spec §3.16.4 steps 1-9).
 #[allow(clippy::too_many_arguments)]
-fn take_and_run<B: ExtentTree + ?Sized>(
-    refs: &LockFreeRefs,
+fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
+    refs: &Engine<S>,
     backend: &B,
-    guard: &Guard,
+    guard: &S::Guard,
     head: &Claimed<'_>,
     key: NodeKey,
-    node: &super::head::RefNode,
+    node: &RefNode,
     want_add: bool,
     late_seen: Option<u64>,
     stats: &mut RunStats,
@@ -145,7 +142,7 @@ fn take_and_run<B: ExtentTree + ?Sized>(
         // stays on the head for the next ref or the leftover-op step.
         let mir = head.must_insert_reserved.load(Ordering::Acquire)
             && head.must_insert_reserved.swap(false, Ordering::AcqRel);
-        let op = if head.extent_op.load().is_some() { head.extent_op.swap(None) } else { None };
+        let op = head.extent_op.take();
         let action = if v > 0 { Action::Add } else { Action::Drop };
         let num_bytes = head.num_bytes.load(Ordering::Acquire);
         let run = RefRun {
@@ -157,7 +154,7 @@ fn take_and_run<B: ExtentTree + ?Sized>(
             action,
             ref_mod: v.unsigned_abs(),
             insert_reserved: mir,
-            extent_op: op.as_deref(),
+            extent_op: op.as_ref(),
             owning_root: head.owning_root.load(Ordering::Acquire),
         };
         let res = backend.apply_ref(&run);
@@ -181,7 +178,7 @@ fn take_and_run<B: ExtentTree + ?Sized>(
                 head.must_insert_reserved.store(true, Ordering::Release);
             }
             if let Some(op) = op {
-                head.restore_op(*op);
+                head.restore_op(op);
             }
             head.run_seq.fetch_add(1, Ordering::Release);
             return Err(Error::Backend { bytenr: head.bytenr, source: e });
@@ -218,12 +215,12 @@ impl Visit {
 /// Take and run `n` if it has the wanted sign, then kill it if it reads 0.
 /// Unselects the head when it is held back or the backend fails.
 #[allow(clippy::too_many_arguments)]
-fn visit<B: ExtentTree + ?Sized>(
-    refs: &LockFreeRefs,
+fn visit<S: Stores, B: ExtentTree + ?Sized>(
+    refs: &Engine<S>,
     backend: &B,
-    guard: &Guard,
+    guard: &S::Guard,
     head: &Claimed<'_>,
-    n: &super::head::NodeEntry<'_>,
+    n: &Node<'_, S>,
     want_add: bool,
     late_seen: Option<u64>,
     stats: &mut RunStats,
@@ -248,10 +245,10 @@ fn visit<B: ExtentTree + ?Sized>(
 
 /// Run the ADDs that adders marked since `seen` (module `head`, late-ADD
 /// markers): one load when nothing was marked.
-fn run_late_adds<B: ExtentTree + ?Sized>(
-    refs: &LockFreeRefs,
+fn run_late_adds<S: Stores, B: ExtentTree + ?Sized>(
+    refs: &Engine<S>,
     backend: &B,
-    guard: &Guard,
+    guard: &S::Guard,
     head: &Claimed<'_>,
     seen: &mut u64,
     stats: &mut RunStats,
@@ -300,7 +297,7 @@ fn run_late_adds<B: ExtentTree + ?Sized>(
 
 /// Kill and unlink a node (or marker) that reads 0, so a head that stays busy does
 /// not keep every key it ever saw (module `count`).
-fn kill_if_zero(refs: &LockFreeRefs, n: &super::head::NodeEntry<'_>) {
+fn kill_if_zero<S: Stores>(refs: &Engine<S>, n: &Node<'_, S>) {
     if count::try_kill(&n.value().count) {
         // An adder that met the dead node may have unlinked it first.
         n.remove();
@@ -308,7 +305,8 @@ fn kill_if_zero(refs: &LockFreeRefs, n: &super::head::NodeEntry<'_>) {
     }
 }
 
-type Group<'g> = Vec<(NodeKey, &'g super::head::RefNode)>;
+/// Nodes of one backref identity read by a walk, in key order.
+type Group<'g, S> = Vec<Node<'g, S>>;
 
 /// The merge pass on a metadata head (spec §3.10), by the claiming runner,
 /// at the start of each pass over the head: it folds every identity at
@@ -316,14 +314,13 @@ type Group<'g> = Vec<(NodeKey, &'g super::head::RefNode)>;
 /// blocker (invariant 13) and most identities reach the scans as one node.
 /// Nodes queued during the pass are folded per identity before any take
 /// (`fold_identity`).
-fn merge_pass(refs: &LockFreeRefs, head: &Claimed<'_>, guard: &Guard) {
-    let mut groups: Vec<Group<'_>> = Vec::new();
+fn merge_pass<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, guard: &S::Guard) {
+    let mut groups: Vec<Group<'_, S>> = Vec::new();
     for n in head.nodes(&refs.nodes, guard) {
-        let k = n.key().key;
         if count::peek(&n.value().count) != 0 {
             match groups.last_mut() {
-                Some(g) if comp_refs(&g[0].0, &k, false) == std::cmp::Ordering::Equal => g.push((k, n.value())),
-                _ => groups.push(vec![(k, n.value())]),
+                Some(g) if comp_refs(&g[0].key().key, &n.key().key, false) == std::cmp::Ordering::Equal => g.push(n),
+                _ => groups.push(vec![n]),
             }
         }
     }
@@ -357,28 +354,28 @@ fn merge_pass(refs: &LockFreeRefs, head: &Claimed<'_>, guard: &Guard) {
 /// an op after the scan passed (refs of roots that are not fs trees carry
 /// seq 0 whenever they are queued, and a `SharedBlock` key names no root).
 /// `None` searches from `(key, seq 0)`.
-fn fold_identity<'g>(
-    refs: &'g LockFreeRefs,
+fn fold_identity<'g, S: Stores>(
+    refs: &'g Engine<S>,
     head: &Claimed<'_>,
     key: RefKey,
-    start: Option<&NodeEntry<'g>>,
-    guard: &'g Guard,
-) -> Option<NodeEntry<'g>> {
+    start: Option<&Node<'g, S>>,
+    guard: &'g S::Guard,
+) -> Option<Node<'g, S>> {
     let start = match start {
         Some(n) => n.clone(),
         None => head.identity_nodes(&refs.nodes, key, guard).next()?,
     };
-    let live = |n: &NodeEntry<'_>| count::peek(&n.value().count) != 0;
-    let mut it = identity_from(start.clone(), key).filter(live);
+    let live = |n: &Node<'_, S>| count::peek(&n.value().count) != 0;
+    let mut it = identity_from::<S>(start.clone(), key).filter(live);
     let first = it.next()?;
     let Some(second) = it.next() else { return Some(first) };
-    let g: Group<'_> = [first, second].into_iter().chain(it).map(|n| (n.key().key, n.value())).collect();
+    let g: Group<'_, S> = [first, second].into_iter().chain(it).collect();
     fold_groups(refs, head, vec![g], guard);
-    identity_from(start, key).find(live)
+    identity_from::<S>(start, key).find(live)
 }
 
 /// The nodes of `start`'s head range and backref identity `key`, from `start` on.
-fn identity_from(start: NodeEntry<'_>, key: RefKey) -> impl Iterator<Item = NodeEntry<'_>> {
+fn identity_from<S: Stores>(start: Node<'_, S>, key: RefKey) -> impl Iterator<Item = Node<'_, S>> {
     let slot = start.key().slot;
     std::iter::successors(Some(start), |n| n.next())
         .take_while(move |n| n.key().slot == slot && n.key().key.key.cmp_identity(&key) == std::cmp::Ordering::Equal)
@@ -387,13 +384,13 @@ fn identity_from(start: NodeEntry<'_>, key: RefKey) -> impl Iterator<Item = Node
 /// Visit a metadata head's backref identity `key`: fold it, then take and
 /// run its first non-zero node if that has the wanted sign (`fold_identity`).
 #[allow(clippy::too_many_arguments)]
-fn visit_identity<B: ExtentTree + ?Sized>(
-    refs: &LockFreeRefs,
+fn visit_identity<'g, S: Stores, B: ExtentTree + ?Sized>(
+    refs: &'g Engine<S>,
     backend: &B,
-    guard: &Guard,
+    guard: &'g S::Guard,
     head: &Claimed<'_>,
     key: RefKey,
-    start: Option<&NodeEntry<'_>>,
+    start: Option<&Node<'g, S>>,
     want_add: bool,
     late_seen: Option<u64>,
     stats: &mut RunStats,
@@ -409,12 +406,12 @@ fn visit_identity<B: ExtentTree + ?Sized>(
 /// (`last` holds the identity visited last; later nodes of it are only
 /// checked for a held ADD and killed if zero).
 #[allow(clippy::too_many_arguments)]
-fn visit_scanned<B: ExtentTree + ?Sized>(
-    refs: &LockFreeRefs,
+fn visit_scanned<'g, S: Stores, B: ExtentTree + ?Sized>(
+    refs: &'g Engine<S>,
     backend: &B,
-    guard: &Guard,
+    guard: &'g S::Guard,
     head: &Claimed<'_>,
-    n: &NodeEntry<'_>,
+    n: &Node<'g, S>,
     want_add: bool,
     late_seen: Option<u64>,
     last: &mut Option<RefKey>,
@@ -447,46 +444,46 @@ fn visit_scanned<B: ExtentTree + ?Sized>(
 }
 
 /// Whether `n` is a pending ADD that the seq barrier holds back.
-fn held_add(refs: &LockFreeRefs, n: &NodeEntry<'_>) -> bool {
+fn held_add<S: Stores>(refs: &Engine<S>, n: &Node<'_, S>) -> bool {
     count::peek(&n.value().count) > 0 && refs.fs.seq.holds_back(n.key().key.seq)
 }
 
 /// Unselect a head held back by a seq blocker (spec §3.16.5).
-fn hold(refs: &LockFreeRefs, head: &Claimed<'_>, stats: &mut RunStats) -> Visit {
+fn hold<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, stats: &mut RunStats) -> Visit {
     refs.unselect(head);
     stats.held_back += 1;
     Visit::HeldBack
 }
 
 /// Fold each group of same-identity nodes (read by a walk) into one node.
-fn fold_groups(refs: &LockFreeRefs, head: &Claimed<'_>, mut groups: Vec<Group<'_>>, guard: &Guard) {
+fn fold_groups<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, mut groups: Vec<Group<'_, S>>, guard: &S::Guard) {
     // The seq barrier is read after the walk (spec §3.11): a blocker that
     // registered during the walk holds back every node added after it, and
     // those nodes carry a seq at or above its own, so they are filtered here.
     let seq = refs.fs.seq.lowest_seq();
     if seq != 0 {
         for g in &mut groups {
-            g.retain(|(k, _)| k.seq < seq);
+            g.retain(|n| n.key().key.seq < seq);
         }
     }
     for g in groups.into_iter().filter(|g| g.len() >= 2) {
-        let signed: Vec<i64> = g.iter().map(|(_, n)| count::peek(&n.count)).collect();
+        let signed: Vec<i64> = g.iter().map(|n| count::peek(&n.value().count)).collect();
         // Everything cancelling (None) folds into the first node, which then drops.
         let s = merge_run(&signed).map_or(0, |(s, _)| s);
         let mut moved = 0i64;
-        for (i, (_, n)) in g.iter().enumerate() {
+        for (i, n) in g.iter().enumerate() {
             if i == s {
                 continue;
             }
-            let t = count::take_all(&n.count);
+            let t = count::take_all(&n.value().count);
             if t != 0 {
                 moved += t;
                 refs.counters.num_entries.add(-1);
                 refs.fs.reserves.delayed_refs_rsv_release(1, 0);
             }
         }
-        let (survivor_key, survivor) = g[s];
-        match head.change_node(&refs.nodes, survivor_key, moved, survivor.level, guard) {
+        let survivor = &g[s];
+        match head.change_node(&refs.nodes, survivor.key().key, moved, survivor.value().level, guard) {
             Transition::Created => {
                 refs.counters.num_entries.add(1);
                 refs.fs.reserves.grow_delayed_refs(refs.fs.reserves.geometry().delayed_ref_bytes(1), 0);
@@ -501,11 +498,11 @@ fn fold_groups(refs: &LockFreeRefs, head: &Claimed<'_>, mut groups: Vec<Group<'_
 }
 
 /// Run a claimed head to the end (spec §3.16.4, §3.16.7).
-fn run_head<B: ExtentTree + ?Sized>(
-    refs: &LockFreeRefs,
+fn run_head<S: Stores, B: ExtentTree + ?Sized>(
+    refs: &Engine<S>,
     backend: &B,
-    entry: &HeadEntry<'_>,
-    guard: &Guard,
+    entry: &HeadEntry<'_, S>,
+    guard: &S::Guard,
 ) -> Result<(HeadOutcome, RunStats)> {
     let head = &Claimed { head: entry.value(), bytenr: *entry.key() };
     let mut stats = RunStats { heads: 1, ..RunStats::default() };
@@ -555,13 +552,13 @@ fn run_head<B: ExtentTree + ?Sized>(
         // An op on a head with must_insert_reserved is discarded only once the
         // head is retired (below): an adder may still be publishing the ref
         // that will insert the item with this op (§3.16.6).
-        if head.extent_op.load().is_some() && !head.must_insert_reserved.load(Ordering::Acquire) {
+        if head.extent_op.is_some() && !head.must_insert_reserved.load(Ordering::Acquire) {
             // Relaxed: made visible by the swap's RMW below (readers' Acquire).
             head.run_seq.fetch_add(1, Ordering::Relaxed);
-            let op = head.extent_op.swap(None);
+            let op = head.extent_op.take();
             if op.is_none() || head.must_insert_reserved.load(Ordering::Acquire) {
                 if let Some(op) = op {
-                    head.restore_op(*op);
+                    head.restore_op(op);
                 }
                 head.run_seq.fetch_add(1, Ordering::Release);
                 continue;
@@ -572,7 +569,7 @@ fn run_head<B: ExtentTree + ?Sized>(
             // (same seqlock as a taken ref, §3.17).
             let res = backend.apply_extent_op(head.bytenr, nb, head.is_data, &op);
             if let Err(e) = res {
-                head.restore_op(*op);
+                head.restore_op(op);
                 head.run_seq.fetch_add(1, Ordering::Release);
                 refs.unselect(head);
                 return Err(Error::Backend { bytenr: head.bytenr, source: e });
@@ -589,13 +586,13 @@ fn run_head<B: ExtentTree + ?Sized>(
             continue;
         }
         if head.has_refs(&refs.nodes, guard)
-            || (head.extent_op.load().is_some() && !head.must_insert_reserved.load(Ordering::Acquire))
+            || (head.extent_op.is_some() && !head.must_insert_reserved.load(Ordering::Acquire))
         {
             continue;
         }
         let Some((mir, released)) = refs.retire(entry, w0, guard) else { continue 'outer };
         // Closed: no adder can come back; a cancelled allocation's op goes.
-        head.extent_op.swap(None);
+        head.extent_op.take();
         if mir {
             // Step 4: the allocation was cancelled in this transaction.
             backend.pin_reserved(head.bytenr, head.num_bytes.load(Ordering::Acquire), head.is_data);
@@ -609,8 +606,8 @@ fn run_head<B: ExtentTree + ?Sized>(
 }
 
 /// Select and run one head.
-pub(super) fn run_one<B: ExtentTree + ?Sized>(
-    refs: &LockFreeRefs,
+pub(super) fn run_one<S: Stores, B: ExtentTree + ?Sized>(
+    refs: &Engine<S>,
     backend: &B,
 ) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
     let guard = refs.pin();
@@ -621,7 +618,7 @@ pub(super) fn run_one<B: ExtentTree + ?Sized>(
 }
 
 /// `btrfs_run_delayed_refs` (spec §3.16.1).
-pub(super) fn run<B: ExtentTree + ?Sized>(refs: &LockFreeRefs, backend: &B, mode: RunMode) -> Result<RunStats> {
+pub(super) fn run<S: Stores, B: ExtentTree + ?Sized>(refs: &Engine<S>, backend: &B, mode: RunMode) -> Result<RunStats> {
     let ready = if mode == RunMode::Ready { refs.counters.num_heads_ready.sum().max(0) as u64 } else { 0 };
     crate::api::drive_run(mode, ready, || Ok(run_one(refs, backend)?.map(|(_, _, s)| s)), || refs.heads.is_empty())
 }

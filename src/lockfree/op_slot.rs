@@ -1,0 +1,114 @@
+//! A head's pending extent op (spec §3.6 step 4): one slot that adders merge
+//! into and the runner takes.
+//!
+//! # Implementation details
+//!
+//! At run time an `arc_swap::ArcSwapOption`: readers and the runner's cheap
+//! "is there one" check are loads, merges are read-copy-update loops. Under
+//! the loom and shuttle models (which cannot see inside arc-swap) the same
+//! operations run on a mutex of the `sync` shim, so the models schedule
+//! around them.
+//!
+//! # Synchronization
+//!
+//! Every operation is one linearizable step on the slot (an RCU loop or a
+//! swap); an op merged after the runner took the slot stays for the next
+//! take. Nothing else is published through it.
+
+#![forbid(unsafe_code)]
+
+use crate::domain::extent_op::ExtentOp;
+
+/// The extent-op slot of one head.
+#[derive(Debug, Default)]
+pub(crate) struct OpSlot(imp::Slot);
+
+impl OpSlot {
+    /// An empty slot.
+    pub(crate) fn new() -> Self {
+        OpSlot::default()
+    }
+
+    /// Whether an op is pending.
+    pub(crate) fn is_some(&self) -> bool {
+        imp::get(&self.0).is_some()
+    }
+
+    /// A copy of the pending op.
+    pub(crate) fn get(&self) -> Option<ExtentOp> {
+        imp::get(&self.0)
+    }
+
+    /// Take the pending op, leaving the slot empty.
+    pub(crate) fn take(&self) -> Option<ExtentOp> {
+        imp::take(&self.0)
+    }
+
+    /// Merge an update into the pending op (an adder).
+    pub(crate) fn merge(&self, upd: &ExtentOp) {
+        imp::update(&self.0, |cur| ExtentOp::merged(cur, upd));
+    }
+
+    /// Put back an op a failed run took, with any newer op merged over it.
+    pub(crate) fn restore(&self, op: ExtentOp) {
+        imp::update(&self.0, |cur| match cur {
+            None => op,
+            Some(newer) => ExtentOp::merged(Some(&op), newer),
+        });
+    }
+}
+
+#[cfg(not(any(dref_loom, dref_shuttle)))]
+mod imp {
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwapOption;
+
+    use crate::domain::extent_op::ExtentOp;
+
+    pub(super) type Slot = ArcSwapOption<ExtentOp>;
+
+    pub(super) fn get(s: &Slot) -> Option<ExtentOp> {
+        s.load().as_deref().copied()
+    }
+
+    pub(super) fn take(s: &Slot) -> Option<ExtentOp> {
+        // A load first: the swap is an RMW most callers do not need.
+        if s.load().is_none() {
+            return None;
+        }
+        s.swap(None).as_deref().copied()
+    }
+
+    pub(super) fn update(s: &Slot, f: impl Fn(Option<&ExtentOp>) -> ExtentOp) {
+        s.rcu(|cur| Some(Arc::new(f(cur.as_deref()))));
+    }
+}
+
+#[cfg(any(dref_loom, dref_shuttle))]
+mod imp {
+    use crate::domain::extent_op::ExtentOp;
+    use crate::sync::Mutex;
+
+    #[derive(Debug)]
+    pub(super) struct Slot(Mutex<Option<ExtentOp>>);
+
+    impl Default for Slot {
+        fn default() -> Self {
+            Slot(Mutex::new(None))
+        }
+    }
+
+    pub(super) fn get(s: &Slot) -> Option<ExtentOp> {
+        *s.0.lock().unwrap()
+    }
+
+    pub(super) fn take(s: &Slot) -> Option<ExtentOp> {
+        s.0.lock().unwrap().take()
+    }
+
+    pub(super) fn update(s: &Slot, f: impl Fn(Option<&ExtentOp>) -> ExtentOp) {
+        let mut g = s.0.lock().unwrap();
+        *g = Some(f(g.as_ref()));
+    }
+}
