@@ -40,6 +40,7 @@ pub mod api;
 pub mod domain;
 pub mod error;
 pub mod extent_tree;
+pub mod lincheck;
 pub mod locked;
 pub mod lockfree;
 pub mod rsv;
@@ -47,6 +48,10 @@ pub mod trace;
 
 #[cfg(all(test, dref_loom))]
 mod loom_models;
+#[cfg(all(test, any(dref_loom, dref_shuttle)))]
+mod model_support;
+#[cfg(all(test, dref_shuttle, not(dref_loom)))]
+mod shuttle_models;
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]
@@ -69,7 +74,7 @@ pub use domain::seq::{SeqBlocker, SeqTracker};
 pub use error::{Error, ExtentError, Result};
 pub use extent_tree::{ExtentInfo, ExtentItem, ExtentTree, MemExtentTree, RefRun};
 pub use locked::LockedRefs;
-#[cfg(not(dref_loom))]
+#[cfg(not(any(dref_loom, dref_shuttle)))]
 pub use lockfree::LockFreeRefs;
 pub use rsv::cell::{AtomicCell, LockedCell, PairCell};
 pub use rsv::handle::TransHandle;

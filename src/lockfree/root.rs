@@ -11,9 +11,11 @@ use super::head::Head;
 use super::index;
 use super::retire_seq::RetireSeq;
 use super::store::{HeadEntry, MapEntry, OrderedMap, Stores};
+#[cfg(not(any(dref_loom, dref_shuttle)))]
+use crate::api::DelayedRefs;
 use crate::api::{
-    self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
-    HeadUpdate, RunMode, RunStats,
+    self, AddOutcome, CleanupOutcome, Counters, DestroyStats, FsShared, HeadOutcome, HeadSnapshot, HeadUpdate, RunMode,
+    RunStats,
 };
 use crate::domain::extent_op::ExtentOp;
 use crate::domain::generic_ref::GenericRef;
@@ -31,7 +33,7 @@ use crate::sync::{AtomicU64, Mutex, Ordering};
 /// engine on crossbeam's skiplists; the loom and shuttle models run it on
 /// the mock stores.
 pub(crate) struct Engine<S: Stores> {
-    pub(super) fs: Arc<FsShared<AtomicCell>>,
+    pub(crate) fs: Arc<FsShared<AtomicCell>>,
     // Field order matters: the index (and the heads in it) and the node map
     // drop before the reclamation domain that owns their garbage.
     pub(super) heads: S::Heads,
@@ -244,6 +246,7 @@ impl<S: Stores> Engine<S> {
     }
 }
 
+#[cfg_attr(any(dref_loom, dref_shuttle), allow(dead_code))]
 impl<S: Stores> Engine<S> {
     pub(crate) fn add_tree_ref(
         &self,

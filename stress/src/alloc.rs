@@ -17,6 +17,10 @@
 //! A per-size table of live blocks ([`SizeTable`]) can be switched on for a
 //! single-threaded measurement; it is off (one relaxed load per call)
 //! otherwise.
+//!
+//! [`Uncounted`] buffers (the stress run's own fixed-size instrumentation:
+//! the linearizability histories) are left out of [`live`], so the figures
+//! stay those of the implementation and the workload.
 
 #![allow(unsafe_code)]
 
@@ -47,6 +51,9 @@ static COUNTERS: [Stripe; STRIPES] = [const { Stripe::new() }; STRIPES];
 static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
 static TABLE_ON: AtomicBool = AtomicBool::new(false);
 static TABLE: [AtomicI64; TABLE_SIZES + 1] = [const { AtomicI64::new(0) }; TABLE_SIZES + 1];
+/// Bytes and blocks of live [`Uncounted`] buffers, subtracted by [`live`].
+static UNCOUNTED_BYTES: AtomicI64 = AtomicI64::new(0);
+static UNCOUNTED_BLOCKS: AtomicI64 = AtomicI64::new(0);
 
 thread_local! {
     // Const-initialized and without a destructor: reading it never allocates
@@ -153,14 +160,62 @@ impl Live {
     }
 }
 
-/// Sum the stripes now.
+/// Sum the stripes now, less the live [`Uncounted`] buffers.
 pub fn live() -> Live {
-    let mut l = Live::default();
+    let mut l =
+        Live { bytes: -UNCOUNTED_BYTES.load(Ordering::Relaxed), blocks: -UNCOUNTED_BLOCKS.load(Ordering::Relaxed) };
     for s in &COUNTERS {
         l.bytes += s.bytes.load(Ordering::Relaxed);
         l.blocks += s.blocks.load(Ordering::Relaxed);
     }
     l
+}
+
+/// A fixed-length heap buffer that [`live`] leaves out: its bytes are
+/// subtracted from right before it is allocated until right after it is
+/// freed, so a reading taken while it is filled or freed does not see it
+/// either. For the stress run's own instrumentation, allocated once per
+/// round; it never grows.
+#[derive(Debug)]
+pub struct Uncounted<T> {
+    buf: Box<[T]>,
+    bytes: i64,
+    blocks: i64,
+}
+
+impl<T: Clone> Uncounted<T> {
+    /// `len` copies of `value`.
+    pub fn filled(len: usize, value: T) -> Self {
+        let bytes = i64::try_from(len.saturating_mul(size_of::<T>())).unwrap_or(i64::MAX);
+        let blocks = i64::from(bytes > 0);
+        UNCOUNTED_BYTES.fetch_add(bytes, Ordering::Relaxed);
+        UNCOUNTED_BLOCKS.fetch_add(blocks, Ordering::Relaxed);
+        // `vec![_; len]` allocates exactly `len` elements: the boxed slice
+        // is that same block, of `len * size_of::<T>()` bytes.
+        Uncounted { buf: vec![value; len].into_boxed_slice(), bytes, blocks }
+    }
+}
+
+impl<T> std::ops::Deref for Uncounted<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        &self.buf
+    }
+}
+
+impl<T> std::ops::DerefMut for Uncounted<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf
+    }
+}
+
+impl<T> Drop for Uncounted<T> {
+    fn drop(&mut self) {
+        drop(std::mem::take(&mut self.buf));
+        UNCOUNTED_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+        UNCOUNTED_BLOCKS.fetch_sub(self.blocks, Ordering::Relaxed);
+    }
 }
 
 /// Live heap bytes now (requested sizes).
@@ -220,6 +275,17 @@ mod tests {
         assert_eq!(chunk_estimate(25), 48);
         assert_eq!(chunk_estimate(40), 48);
         assert_eq!(chunk_estimate(120), 128);
+    }
+
+    #[test]
+    fn an_uncounted_buffer_is_left_out() {
+        // Other tests allocate (and make uncounted buffers) concurrently:
+        // only check that this one is subtracted while it lives.
+        let b = Uncounted::filled(8 << 20, 7u64);
+        assert!(UNCOUNTED_BYTES.load(Ordering::Relaxed) >= 64 << 20);
+        assert!(UNCOUNTED_BLOCKS.load(Ordering::Relaxed) >= 1);
+        assert_eq!((b.len(), b[3]), (8 << 20, 7));
+        drop(b);
     }
 
     #[test]

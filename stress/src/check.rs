@@ -29,6 +29,9 @@ pub struct Violations {
     pub counters_nonzero: u64,
     /// Rounds whose delayed-refs reserve size did not return to its start.
     pub rsv_leaks: u64,
+    /// Reads (`lookup_extent_info`) that returned a count the extent never
+    /// held while they ran (`delayed_refs::lincheck`).
+    pub linearizability: u64,
     /// The first few violations, described.
     pub messages: Vec<String>,
 }
@@ -42,6 +45,7 @@ impl Violations {
             && self.errors == 0
             && self.counters_nonzero == 0
             && self.rsv_leaks == 0
+            && self.linearizability == 0
     }
 
     /// Keep a description if there is room.
@@ -67,6 +71,7 @@ impl Violations {
         self.errors += o.errors;
         self.counters_nonzero += o.counters_nonzero;
         self.rsv_leaks += o.rsv_leaks;
+        self.linearizability += o.linearizability;
         for m in &o.messages {
             self.note(m.clone());
         }
@@ -80,6 +85,7 @@ impl Violations {
             ("errors", self.errors),
             ("counters_nonzero", self.counters_nonzero),
             ("rsv_leaks", self.rsv_leaks),
+            ("linearizability", self.linearizability),
         ] {
             if n != 0 {
                 s.push_str(&format!(" {name}={n}"));
@@ -174,5 +180,9 @@ mod tests {
         w.absorb(&v);
         assert!(!w.is_ok());
         assert_eq!(w.summary(), "lost=0 doubled=0 rsv_leaks=1");
+        let l = Violations { linearizability: 3, ..Violations::default() };
+        assert!(!l.is_ok());
+        w.absorb(&l);
+        assert_eq!(w.summary(), "lost=0 doubled=0 rsv_leaks=1 linearizability=3");
     }
 }

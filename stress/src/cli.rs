@@ -22,6 +22,12 @@ pub enum Command {
     /// stderr every max(1, S/20) seconds, and the results give per implementation the peak, the live bytes
     /// after each round's final run(All) + reclaim(), what the root still held then beyond its fresh size,
     /// and a flatness verdict (defined in the output). The verdict does not change the exit code.
+    ///
+    /// Reader threads (--readers) call lookup_extent_info on every 8th extent while the adders work. After
+    /// each round a sample of their reads is checked for linearizability against a history of the adders'
+    /// successful calls on those extents: a read must return a count the extent held at one instant while it
+    /// ran. Reads checked and violations are reported per implementation (linearizability_* in --json); any
+    /// violation fails the verdict, and the first few are printed to stderr (bytenr, value, allowed range).
     Stress(StressArgs),
     /// Measure live heap bytes per pending ref and per head, and the return to baseline.
     #[command(long_about = MEM_LONG_ABOUT)]
@@ -107,6 +113,11 @@ pub struct StressArgs {
     /// Runner threads [default: 1; 0 for `wide`; always 0 for `add-only`].
     #[arg(long)]
     pub runners: Option<usize>,
+    /// Reader threads checked for linearizability (lookup_extent_info while adders and runners work; not
+    /// counted in throughput) [default: 1 where adders and runners overlap (spread, mixed, hot, wide with
+    /// --runners > 0); 0 for add-only, drain and wide without runners].
+    #[arg(long)]
+    pub readers: Option<usize>,
     /// Timed seconds per implementation, split into rounds.
     #[arg(long, default_value_t = 4.0)]
     pub seconds: f64,
@@ -134,6 +145,7 @@ impl Default for StressArgs {
             workload: WorkloadKind::Spread,
             threads: 2,
             runners: None,
+            readers: None,
             seconds: 4.0,
             heads: None,
             keys: 10_000,

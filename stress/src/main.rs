@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! delayed-refs-stress stress [--impl lockfree|locked|both] [--workload spread|drain|hot|add-only|wide|mixed]
-//!                            [--threads N] [--runners M] [--seconds S] [--heads K] [--seed X] [--json]
+//!                            [--threads N] [--runners M] [--readers R] [--seconds S] [--heads K] [--seed X]
+//!                            [--json]
 //! delayed-refs-stress replay <run-dir> [--impl lockfree|locked|both] [--threads N] [--runners M] [--json]
 //! delayed-refs-stress mem [--impl lockfree|locked|both] [--refs R] [--heads H] [--json]
 //! ```

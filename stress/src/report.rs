@@ -24,6 +24,14 @@ pub struct RoundRecord {
     pub mem_end_bytes: i64,
     /// Bytes the root held beyond its fresh size at the end.
     pub mem_root_retained_bytes: i64,
+    /// Reads checked for linearizability.
+    pub lin_reads_checked: u64,
+    /// Count-changing calls in the linearizability history.
+    pub lin_ops_recorded: u64,
+    /// Linearizability violations.
+    pub lin_violations: u64,
+    /// The history was cut before the end of the round.
+    pub lin_cut: bool,
 }
 
 /// The rounds one implementation ran, folded in as they finish: a round's
@@ -60,6 +68,10 @@ impl ImplRun {
             refs_run: r.refs_run,
             mem_end_bytes: r.mem_end_bytes,
             mem_root_retained_bytes: r.mem_root_retained_bytes,
+            lin_reads_checked: r.lin.reads_checked,
+            lin_ops_recorded: r.lin.ops_recorded,
+            lin_violations: r.violations.linearizability,
+            lin_cut: r.lin.cut,
         });
         drop(r);
         self.floors.push(crate::alloc::live_bytes());
@@ -105,6 +117,8 @@ pub struct Header {
     pub threads: usize,
     /// Runner threads.
     pub runners: usize,
+    /// Reader threads checked for linearizability.
+    pub readers: usize,
     /// Timed seconds per implementation.
     pub seconds: f64,
     /// Heads.
@@ -151,6 +165,20 @@ pub struct Summary {
     pub counters_nonzero: u64,
     /// Rounds whose reserve size did not return to its start.
     pub rsv_leaks: u64,
+    /// Reads that returned a count the extent never held while they ran,
+    /// over all rounds (`delayed_refs::lincheck`).
+    pub linearizability_violations: u64,
+    /// Reads checked for linearizability, over all rounds (0 with no readers).
+    pub linearizability_reads_checked: u64,
+    /// Count-changing calls recorded in the histories, over all rounds.
+    pub linearizability_ops_recorded: u64,
+    /// Rounds whose history buffers filled up before the round ended (reads
+    /// made after that were not checked).
+    pub linearizability_cut_rounds: usize,
+    /// Per round: reads checked.
+    pub round_linearizability_reads_checked: Vec<u64>,
+    /// Per round: linearizability violations.
+    pub round_linearizability_violations: Vec<u64>,
     /// Per-round throughput.
     pub round_ops_per_sec: Vec<f64>,
     /// The first violations, described.
@@ -194,6 +222,12 @@ impl Summary {
             flag_mismatches: tally.flag_mismatches,
             counters_nonzero: tally.counters_nonzero,
             rsv_leaks: tally.rsv_leaks,
+            linearizability_violations: tally.linearizability,
+            linearizability_reads_checked: run.rounds.iter().map(|r| r.lin_reads_checked).sum(),
+            linearizability_ops_recorded: run.rounds.iter().map(|r| r.lin_ops_recorded).sum(),
+            linearizability_cut_rounds: run.rounds.iter().filter(|r| r.lin_cut).count(),
+            round_linearizability_reads_checked: run.rounds.iter().map(|r| r.lin_reads_checked).collect(),
+            round_linearizability_violations: run.rounds.iter().map(|r| r.lin_violations).collect(),
             round_ops_per_sec,
             violations: tally.messages.clone(),
             mem,
@@ -265,8 +299,8 @@ pub fn json(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratio: O
 /// The human-readable results table, without the verdict line.
 pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratio: Option<Option<f64>>) -> String {
     let mut out = format!(
-        "workload={} threads={} runners={} seconds={} heads={} rounds={} seed={}\n",
-        h.workload, h.threads, h.runners, h.seconds, h.heads, h.rounds, h.seed
+        "workload={} threads={} runners={} readers={} seconds={} heads={} rounds={} seed={}\n",
+        h.workload, h.threads, h.runners, h.readers, h.seconds, h.heads, h.rounds, h.seed
     );
     if h.workload == "wide" {
         out.push_str(&format!("keys={}\n", h.keys));
@@ -316,6 +350,26 @@ pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratio: 
         }
         out.push_str(&format!("({})\n", crate::memwatch::FLAT_DEFINITION));
     }
+    if h.readers > 0 {
+        for s in sums {
+            let per_round: Vec<String> = s
+                .round_linearizability_reads_checked
+                .iter()
+                .zip(&s.round_linearizability_violations)
+                .map(|(r, v)| format!("{r}/{v}"))
+                .collect();
+            out.push_str(&format!(
+                "linearizability {:<9} reads_checked={} violations={} ops_recorded={} cut_rounds={} (per round \
+                 reads/violations: {})\n",
+                s.impl_name,
+                s.linearizability_reads_checked,
+                s.linearizability_violations,
+                s.linearizability_ops_recorded,
+                s.linearizability_cut_rounds,
+                per_round.join(" ")
+            ));
+        }
+    }
     match ratio {
         Some(Some(r)) => out.push_str(&format!("ratio lockfree/locked (median of rounds): {r:.3}\n")),
         Some(None) => out.push_str("ratio lockfree/locked: n/a\n"),
@@ -327,6 +381,7 @@ pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratio: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::LinFigures;
 
     #[test]
     fn median_of_odd_and_even() {
@@ -337,8 +392,17 @@ mod tests {
 
     #[test]
     fn json_has_the_contract_fields() {
-        let h =
-            Header { workload: "spread", threads: 2, runners: 1, seconds: 1.0, heads: 10, keys: 1, rounds: 1, seed: 7 };
+        let h = Header {
+            workload: "spread",
+            threads: 2,
+            runners: 1,
+            readers: 1,
+            seconds: 1.0,
+            heads: 10,
+            keys: 1,
+            rounds: 1,
+            seed: 7,
+        };
         let mut run = ImplRun::new("locked");
         run.push(RoundResult {
             ops: 10,
@@ -349,11 +413,12 @@ mod tests {
             violations: Violations::default(),
             mem_end_bytes: 3 << 20,
             mem_root_retained_bytes: 0,
+            lin: LinFigures { reads_checked: 1000, ops_recorded: 50, cut: false, samples: Vec::new() },
         });
         let mem = MemFigures { mem_peak_bytes: 4 << 20, mem_end_bytes: 3 << 20, mem_flat: true, ..Default::default() };
         let sums = vec![Summary::of(&run, mem)];
         let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &["lockfree"], Some(None))).unwrap();
-        for k in ["workload", "threads", "runners", "seconds", "results", "ratio_lockfree_over_locked"] {
+        for k in ["workload", "threads", "runners", "readers", "seconds", "results", "ratio_lockfree_over_locked"] {
             assert!(v.get(k).is_some(), "{k}");
         }
         let r = &v["results"][0];
@@ -371,9 +436,20 @@ mod tests {
             "mem_end_bytes",
             "mem_flat",
             "mem_flatness",
+            "linearizability_violations",
+            "linearizability_reads_checked",
+            "linearizability_ops_recorded",
+            "linearizability_cut_rounds",
+            "round_linearizability_reads_checked",
+            "round_linearizability_violations",
         ] {
             assert!(r.get(k).is_some(), "{k}");
         }
+        assert_eq!(
+            (r["linearizability_violations"].as_u64(), r["linearizability_reads_checked"].as_u64()),
+            (Some(0), Some(1000))
+        );
+        assert!(table(&h, &sums, &[], None).contains("linearizability locked    reads_checked=1000 violations=0"));
         assert_eq!(r["mem_peak_bytes"], 4 << 20);
         assert!(table(&h, &sums, &[], None).contains("peak_MiB"));
         assert_eq!(r["fairness_min_over_max"], 1.0);

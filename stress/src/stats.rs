@@ -50,6 +50,21 @@ impl ThreadStats {
     }
 }
 
+/// What the linearizability check of one round's readers found (the
+/// violations themselves are counted in [`Violations::linearizability`]).
+#[derive(Clone, Debug, Default)]
+pub struct LinFigures {
+    /// Reads checked: those recorded before the history was cut.
+    pub reads_checked: u64,
+    /// Count-changing calls in the history.
+    pub ops_recorded: u64,
+    /// An adder's history buffer filled up during the round: reads after
+    /// that point were not checked.
+    pub cut: bool,
+    /// The first few violations, described.
+    pub samples: Vec<String>,
+}
+
 /// The figures of one round of one implementation.
 #[derive(Debug)]
 pub struct RoundResult {
@@ -72,6 +87,8 @@ pub struct RoundResult {
     /// its fresh size (released by its drop, less what its construction
     /// took); about 0 when drain and `reclaim()` freed everything.
     pub mem_root_retained_bytes: i64,
+    /// The readers' linearizability check.
+    pub lin: LinFigures,
 }
 
 impl RoundResult {
@@ -116,6 +133,7 @@ mod tests {
             violations: Violations::default(),
             mem_end_bytes: 0,
             mem_root_retained_bytes: 0,
+            lin: LinFigures::default(),
         };
         assert_eq!(r.ops_per_sec(), 150.0);
         assert_eq!(r.fairness(), 0.5);

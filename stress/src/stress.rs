@@ -19,6 +19,9 @@ use crate::workloads::{self, Params};
 /// Most adder threads (the bytenr layout gives each one a 2^36-extent range).
 const MAX_THREADS: usize = 4000;
 
+/// Most reader threads.
+const MAX_READERS: usize = 256;
+
 /// Most rounds chosen by default.
 const MAX_DEFAULT_ROUNDS: usize = 20;
 
@@ -48,6 +51,23 @@ fn mem_interval(seconds: f64) -> Duration {
     Duration::from_secs_f64((seconds / 20.0).max(1.0))
 }
 
+/// Print a round's first linearizability violations to stderr (above the
+/// progress bar when one is shown).
+fn report_lin(bar: &ProgressBar, label: &str, res: &RoundResult) {
+    let n = res.violations.linearizability;
+    if n == 0 {
+        return;
+    }
+    let say = |text: String| if bar.is_hidden() { eprintln!("{text}") } else { bar.println(text) };
+    say(format!(
+        "linearizability: {label}: {n} of {} reads checked returned a count never held during the read",
+        res.lin.reads_checked
+    ));
+    for s in &res.lin.samples {
+        say(format!("linearizability:   {s}"));
+    }
+}
+
 /// Check the flags and fill in per-workload defaults.
 fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
     if args.threads == 0 || args.threads > MAX_THREADS {
@@ -68,6 +88,12 @@ fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
         WorkloadKind::Drain => args.runners.unwrap_or(1).max(1),
         _ => args.runners.unwrap_or(1),
     };
+    // Readers by default wherever adders and runners run at once.
+    let overlap = runners > 0 && w != WorkloadKind::Drain;
+    let readers = args.readers.unwrap_or(usize::from(overlap));
+    if readers > MAX_READERS {
+        return Err(format!("--readers must be at most {MAX_READERS}"));
+    }
     let heads = args.heads.unwrap_or(match w {
         WorkloadKind::Hot | WorkloadKind::Wide => 1,
         _ => 10_000,
@@ -87,6 +113,7 @@ fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
         workload: w,
         threads: args.threads,
         runners,
+        readers,
         heads,
         keys: args.keys,
         round: Duration::from_secs_f64(args.seconds / rounds as f64),
@@ -95,6 +122,7 @@ fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
         workload: w.as_str(),
         threads: args.threads,
         runners,
+        readers,
         seconds: args.seconds,
         heads,
         keys: args.keys,
@@ -134,6 +162,7 @@ pub fn run(args: &StressArgs) -> i32 {
             let v = RoundVisitor { params: &params, seed, bar: &bar };
             let res = impls::with_impl(run.name, v).expect("only available implementations are run");
             watch.leave();
+            report_lin(&bar, &label, &res);
             bar.finish_with_message(if res.violations.is_ok() { "ok" } else { "FAIL" });
             run.push(res);
         }
@@ -183,12 +212,24 @@ mod tests {
     fn defaults_follow_the_workload() {
         let mut a = StressArgs::default();
         let (p, h) = resolve(&a).unwrap();
-        assert_eq!((p.threads, p.runners, p.heads, h.rounds), (2, 1, 10_000, 4));
+        assert_eq!((p.threads, p.runners, p.readers, p.heads, h.rounds), (2, 1, 1, 10_000, 4));
         a.workload = WorkloadKind::Hot;
         assert_eq!(resolve(&a).unwrap().0.heads, 1);
+        for (w, readers) in [(WorkloadKind::Wide, 0), (WorkloadKind::Drain, 0), (WorkloadKind::Mixed, 1)] {
+            a.workload = w;
+            assert_eq!(resolve(&a).unwrap().0.readers, readers, "{w:?}");
+        }
+        a.workload = WorkloadKind::Wide;
+        a.runners = Some(1);
+        assert_eq!(resolve(&a).unwrap().0.readers, 1);
+        a.readers = Some(0);
+        assert_eq!(resolve(&a).unwrap().0.readers, 0);
+        a.readers = Some(MAX_READERS + 1);
+        assert!(resolve(&a).is_err());
+        a.readers = None;
         a.workload = WorkloadKind::AddOnly;
         a.runners = Some(3);
-        assert_eq!(resolve(&a).unwrap().0.runners, 0);
+        assert_eq!((resolve(&a).unwrap().0.runners, resolve(&a).unwrap().0.readers), (0, 0));
         a.threads = 0;
         assert!(resolve(&a).is_err());
     }

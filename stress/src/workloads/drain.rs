@@ -5,29 +5,34 @@
 //!
 //! Throughput counts refs drained per second of drain time; the latency
 //! figures are those of the prefill adds.
+//!
+//! Reader threads (`--readers`, none by default) read tracked extents the
+//! whole round, through prefills and drains alike.
 
 use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use delayed_refs::{DelayedRefs, MemExtentTree, RunMode, TransHandle};
 use indicatif::ProgressBar;
 
+use super::history::OpLog;
 use super::slots::{Pattern, REFS_PER_HEAD, SlotAdder};
-use super::{Adder, Params};
+use super::{Adder, Params, harness};
 use crate::check::{Violations, finish_round, rsv_size};
 use crate::oracle::Oracle;
 use crate::stats::{RoundResult, ThreadStats, merge_threads};
 
 /// Every adder queues `REFS_PER_HEAD` ops on each of its slots, in parallel.
-fn prefill<D: DelayedRefs>(refs: &D, adders: &mut [SlotAdder], stats: &mut [ThreadStats]) {
+fn prefill<D: DelayedRefs>(refs: &D, adders: &mut [SlotAdder], logs: &mut [OpLog<'_>], stats: &mut [ThreadStats]) {
     std::thread::scope(|s| {
-        for (a, st) in adders.iter_mut().zip(stats.iter_mut()) {
+        for ((a, log), st) in adders.iter_mut().zip(logs.iter_mut()).zip(stats.iter_mut()) {
             s.spawn(move || {
                 let mut trans = TransHandle::new();
                 for i in 0..a.slots() {
                     for _ in 0..REFS_PER_HEAD {
                         let t0 = Instant::now();
-                        match a.step_slot(i, refs, &mut trans) {
+                        match a.step_slot(i, refs, &mut trans, log) {
                             Ok(()) => st.record(t0.elapsed().as_nanos() as u64),
                             Err(e) => st.error(|| e),
                         }
@@ -72,18 +77,42 @@ pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundR
         (0..p.threads).map(|t| SlotAdder::new(t, per_thread, seed, false, Pattern::Cycle)).collect();
     let mut adder_stats: Vec<ThreadStats> = (0..p.threads).map(|_| ThreadStats::default()).collect();
     let mut runner_stats: Vec<ThreadStats> = (0..p.runners.max(1)).map(|_| ThreadStats::default()).collect();
-    let start = Instant::now();
-    let mut secs = 0.0;
-    loop {
-        prefill(&refs, &mut adders, &mut adder_stats);
-        secs += drain(&refs, &tree, &mut runner_stats);
-        let e = start.elapsed();
-        bar.set_position(e.as_millis() as u64);
-        if e >= p.round {
-            break;
+    let mut hist = super::slot_history(&adders, p.readers, seed);
+    let (mut op_logs, read_logs) = hist.logs();
+    let stop = AtomicBool::new(false);
+    let (secs, read_lens) = std::thread::scope(|s| {
+        let (refs, tree, stop) = (&refs, &tree, &stop);
+        let readers: Vec<_> = read_logs
+            .into_iter()
+            .map(|mut log| {
+                s.spawn(move || {
+                    harness::reader_loop(refs, tree, &mut log, stop);
+                    log.len()
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        let mut secs = 0.0;
+        loop {
+            prefill(refs, &mut adders, &mut op_logs, &mut adder_stats);
+            secs += drain(refs, tree, &mut runner_stats);
+            let e = start.elapsed();
+            bar.set_position(e.as_millis() as u64);
+            if e >= p.round {
+                break;
+            }
         }
-    }
+        stop.store(true, Ordering::Relaxed);
+        let lens: Vec<usize> = readers.into_iter().map(|t| t.join().expect("reader thread panicked")).collect();
+        (secs, lens)
+    });
+    let op_lens: Vec<usize> = op_logs.iter().map(OpLog::len).collect();
+    drop(op_logs);
+    bar.set_message("checking");
+    let (lin, lin_violations) = hist.check(&op_lens, &read_lens);
+    drop(hist);
     let mut v = Violations::default();
+    super::note_lin(&mut v, lin_violations, &lin);
     let (hist, _) = merge_threads(&adder_stats, &mut v);
     let (_, per_runner) = merge_threads(&runner_stats, &mut v);
     let drained: u64 = per_runner.iter().sum();
@@ -101,6 +130,7 @@ pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundR
         violations: v,
         mem_end_bytes: fin.mem_end_bytes,
         mem_root_retained_bytes: 0,
+        lin,
     };
     res.mem_root_retained_bytes = super::retire_root(refs, fresh);
     res

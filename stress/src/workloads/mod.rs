@@ -3,6 +3,7 @@
 
 mod drain;
 mod harness;
+mod history;
 pub mod ops;
 mod runner;
 mod shared;
@@ -10,6 +11,7 @@ mod slots;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use delayed_refs::{DelayedRefs, FsConfig, MemExtentTree, TransHandle};
@@ -19,7 +21,8 @@ use crate::alloc;
 use crate::check::{Violations, finish_round, rsv_size};
 use crate::cli::WorkloadKind;
 use crate::oracle::Oracle;
-use crate::stats::{RoundResult, merge_threads, new_histogram};
+use crate::stats::{LinFigures, RoundResult, merge_threads, new_histogram};
+use history::{History, OpLog};
 use slots::{Pattern, SlotAdder};
 
 /// Live refs each `hot` adder keeps.
@@ -34,6 +37,8 @@ pub struct Params {
     pub threads: usize,
     /// Runner threads.
     pub runners: usize,
+    /// Reader threads checked for linearizability (0: no history).
+    pub readers: usize,
     /// Heads (extents).
     pub heads: usize,
     /// Live keys of `wide`.
@@ -44,8 +49,9 @@ pub struct Params {
 
 /// An adder thread's op generator and its model of what it queued.
 pub trait Adder: Send {
-    /// Queue exactly one operation; the model changes only if it succeeded.
-    fn step<D: DelayedRefs>(&mut self, refs: &D, trans: &mut TransHandle) -> Result<(), String>;
+    /// Queue exactly one operation, recording it in `log` if its extent is
+    /// tracked; the model changes only if it succeeded.
+    fn step<D: DelayedRefs>(&mut self, refs: &D, trans: &mut TransHandle, log: &mut OpLog<'_>) -> Result<(), String>;
 
     /// Add the refs this adder expects to survive to the oracle.
     fn expect(&self, oracle: &mut Oracle);
@@ -59,13 +65,13 @@ pub fn run_round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> Ro
     };
     match p.workload {
         WorkloadKind::Drain => drain::round::<D>(p, seed, bar),
-        WorkloadKind::Spread => fresh_round::<D, _>(p, slot_adders(p.runners == 0, Pattern::Cycle), bar),
+        WorkloadKind::Spread => fresh_round::<D>(p, slot_adders(p.runners == 0, Pattern::Cycle), seed, bar),
         WorkloadKind::AddOnly => {
             // Re-allocating freed bytenrs is only valid with no runner at work.
             let no_runner = Params { runners: 0, ..p.clone() };
-            fresh_round::<D, _>(&no_runner, slot_adders(true, Pattern::Cycle), bar)
+            fresh_round::<D>(&no_runner, slot_adders(true, Pattern::Cycle), seed, bar)
         }
-        WorkloadKind::Mixed => fresh_round::<D, _>(p, slot_adders(p.runners == 0, Pattern::Mixed), bar),
+        WorkloadKind::Mixed => fresh_round::<D>(p, slot_adders(p.runners == 0, Pattern::Mixed), seed, bar),
         WorkloadKind::Hot | WorkloadKind::Wide => {
             let window = if p.workload == WorkloadKind::Hot { HOT_WINDOW } else { (p.keys / p.threads).max(1) };
             shared_round::<D>(p, seed, window, bar)
@@ -90,15 +96,45 @@ pub(crate) fn retire_root<D: DelayedRefs>(refs: D, fresh: i64) -> i64 {
     before - alloc::live_bytes() - fresh
 }
 
+/// The history of slot adders: their tracked slots, every extent new
+/// (base count 0).
+fn slot_history(adders: &[SlotAdder], readers: usize, seed: u64) -> History {
+    let (mut targets, mut bases) = (Vec::new(), Vec::with_capacity(adders.len()));
+    for a in adders {
+        bases.push(targets.len());
+        targets.extend(a.tracked_bytenrs());
+    }
+    History::new(adders.len(), readers, targets, bases, BTreeMap::new(), seed)
+}
+
+/// Count the linearizability violations of a round and describe the first.
+fn note_lin(v: &mut Violations, violations: u64, lin: &LinFigures) {
+    v.linearizability += violations;
+    if let Some(first) = lin.samples.first() {
+        v.note(format!("linearizability: {violations} of {} reads; first: {first}", lin.reads_checked));
+    }
+}
+
+/// Where a round starts from: the oracle of what exists before the adders
+/// run, and the reserve size before anything was queued.
+struct Start {
+    oracle: Oracle,
+    rsv_start: u64,
+}
+
 /// `hot` and `wide`: allocate the shared extents, then run the adders on them.
 fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &ProgressBar) -> RoundResult {
     let (refs, fresh) = new_root::<D>();
     let tree = MemExtentTree::new();
     let rsv_start = rsv_size(&refs);
     let mut res = match shared::setup(&refs, &tree, p.heads) {
-        Ok((heads, base)) => {
+        Ok((heads, oracle)) => {
             let adders = (0..p.threads).map(|t| shared::SharedAdder::new(t, &heads, window, seed)).collect();
-            run_adders(p, base, adders, &refs, &tree, rsv_start, bar)
+            // Every shared extent holds its one base ref, on disk.
+            let targets = heads.iter().copied().filter(|&b| shared::tracked(b)).collect();
+            let base = heads.iter().map(|&b| (b, 1)).collect();
+            let mut hist = History::new(p.threads, p.readers, targets, vec![0; p.threads], base, seed);
+            run_adders(p, Start { oracle, rsv_start }, adders, &mut hist, &refs, &tree, bar)
         }
         Err(e) => {
             let mut violations = Violations::default();
@@ -112,6 +148,7 @@ fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &Prog
                 violations,
                 mem_end_bytes: alloc::live_bytes(),
                 mem_root_retained_bytes: 0,
+                lin: LinFigures::default(),
             }
         }
     };
@@ -119,38 +156,45 @@ fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &Prog
     res
 }
 
-/// Run `adders` on a fresh root and tree.
-fn fresh_round<D: DelayedRefs, A: Adder>(p: &Params, adders: Vec<A>, bar: &ProgressBar) -> RoundResult {
+/// Run slot `adders` on a fresh root and tree.
+fn fresh_round<D: DelayedRefs>(p: &Params, adders: Vec<SlotAdder>, seed: u64, bar: &ProgressBar) -> RoundResult {
     let (refs, fresh) = new_root::<D>();
     let tree = MemExtentTree::new();
     let rsv_start = rsv_size(&refs);
-    let mut res = run_adders(p, Oracle::new(), adders, &refs, &tree, rsv_start, bar);
+    let mut hist = slot_history(&adders, p.readers, seed);
+    let start = Start { oracle: Oracle::new(), rsv_start };
+    let mut res = run_adders(p, start, adders, &mut hist, &refs, &tree, bar);
+    drop(hist);
     res.mem_root_retained_bytes = retire_root(refs, fresh);
     res
 }
 
-/// The timed phase with `p.runners` runners, then the end-of-round checks
-/// against `base` plus what the adders queued; `rsv_start` is the reserve
-/// size before anything was queued.
+/// The timed phase with `p.runners` runners and `p.readers` readers
+/// recorded into `history`, then the linearizability check and the
+/// end-of-round checks against `start` plus what the adders queued.
 fn run_adders<D: DelayedRefs, A: Adder>(
     p: &Params,
-    base: Oracle,
+    start: Start,
     adders: Vec<A>,
+    history: &mut History,
     refs: &D,
     tree: &MemExtentTree,
-    rsv_start: u64,
     bar: &ProgressBar,
 ) -> RoundResult {
-    let out = harness::timed_phase(refs, tree, adders, p.runners, p.round, bar);
+    let (op_logs, read_logs) = history.logs();
+    let crew = adders.into_iter().zip(op_logs).collect();
+    let out = harness::timed_phase(refs, tree, crew, read_logs, p.runners, p.round, bar);
+    bar.set_message("checking");
     let mut v = Violations::default();
+    let (lin, lin_violations) = history.check(&out.op_lens, &out.read_lens);
+    note_lin(&mut v, lin_violations, &lin);
     let (hist, per_thread_ops) = merge_threads(&out.adder_stats, &mut v);
     let (_, per_runner) = merge_threads(&out.runner_stats, &mut v);
-    let mut oracle = base;
+    let mut oracle = start.oracle;
     for a in &out.adders {
         a.expect(&mut oracle);
     }
-    bar.set_message("checking");
-    let fin = finish_round(refs, tree, &oracle, rsv_start, &mut v);
+    let fin = finish_round(refs, tree, &oracle, start.rsv_start, &mut v);
     RoundResult {
         ops: per_thread_ops.iter().sum(),
         secs: out.secs,
@@ -160,5 +204,6 @@ fn run_adders<D: DelayedRefs, A: Adder>(
         violations: v,
         mem_end_bytes: fin.mem_end_bytes,
         mem_root_retained_bytes: 0,
+        lin,
     }
 }

@@ -19,6 +19,11 @@ pub fn bytenr_of(owner: u64, extent: u64) -> u64 {
     ((owner << 36) | extent) << 16
 }
 
+/// The extent number of a bytenr made by [`bytenr_of`].
+pub fn extent_of(bytenr: u64) -> u64 {
+    (bytenr >> 16) & ((1 << 36) - 1)
+}
+
 /// The extent length for a key's kind.
 pub fn num_bytes_of(key: &RefKey) -> u64 {
     if key.is_data() { DATA_BYTES } else { TREE_BYTES }
@@ -86,5 +91,7 @@ mod tests {
         assert_ne!(bytenr_of(0, 1), bytenr_of(1, 0));
         assert_eq!(bytenr_of(1, 0) % DATA_BYTES, 0);
         assert!(bytenr_of((1 << 12) - 1, (1 << 36) - 1) > bytenr_of(1, 0));
+        assert_eq!(extent_of(bytenr_of(7, 12345)), 12345);
+        assert_eq!(extent_of(bytenr_of(0, (1 << 36) - 1)), (1 << 36) - 1);
     }
 }

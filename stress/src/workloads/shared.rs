@@ -9,7 +9,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::Adder;
-use super::ops::{DATA_BYTES, ROOT, bytenr_of, queue_ref};
+use super::history::{OpLog, TRACK_EVERY};
+use super::ops::{DATA_BYTES, ROOT, bytenr_of, extent_of, queue_ref};
 use crate::oracle::Oracle;
 
 /// The key that keeps every shared extent allocated.
@@ -27,6 +28,12 @@ pub fn setup<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, heads: usize) -> Re
     }
     refs.run(tree, RunMode::All).map_err(|e| format!("setup run: {e}"))?;
     Ok((bytenrs, oracle))
+}
+
+/// Whether the calls on shared head `bytenr` go into the linearizability
+/// history: every `TRACK_EVERY`-th head, the first included.
+pub fn tracked(bytenr: u64) -> bool {
+    extent_of(bytenr) % TRACK_EVERY as u64 == 0
 }
 
 /// One adder thread on the shared extents.
@@ -52,20 +59,20 @@ impl SharedAdder {
 }
 
 impl Adder for SharedAdder {
-    fn step<D: DelayedRefs>(&mut self, refs: &D, trans: &mut TransHandle) -> Result<(), String> {
+    fn step<D: DelayedRefs>(&mut self, refs: &D, trans: &mut TransHandle, log: &mut OpLog<'_>) -> Result<(), String> {
         if self.live.len() >= self.window {
             let (b, key) = self.live[0];
-            queue_ref(refs, trans, Action::Drop, b, &key, false)?;
+            log.call(b, -1, tracked(b), || queue_ref(refs, trans, Action::Drop, b, &key, false))?;
             self.live.pop_front();
         } else if !self.live.is_empty() && self.rng.gen_range(0..100u32) < 20 {
             // Another ref under a live key: a merge into its node if still queued.
             let (b, key) = self.live[self.rng.gen_range(0..self.live.len())];
-            queue_ref(refs, trans, Action::Add, b, &key, false)?;
+            log.call(b, 1, tracked(b), || queue_ref(refs, trans, Action::Add, b, &key, false))?;
             self.live.push_back((b, key));
         } else {
             let b = self.heads[self.rng.gen_range(0..self.heads.len())];
             let key = RefKey::ExtentData { root: ROOT, objectid: 1000 + self.owner, offset: self.next * DATA_BYTES };
-            queue_ref(refs, trans, Action::Add, b, &key, false)?;
+            log.call(b, 1, tracked(b), || queue_ref(refs, trans, Action::Add, b, &key, false))?;
             self.next += 1;
             self.live.push_back((b, key));
         }

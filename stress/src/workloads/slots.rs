@@ -13,6 +13,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::Adder;
+use super::history::{OpLog, TRACK_EVERY};
 use super::ops::{ROOT, TREE_BYTES, bytenr_of, queue_flags, queue_ref};
 use crate::oracle::Oracle;
 
@@ -34,6 +35,9 @@ pub enum Pattern {
 struct Slot {
     bytenr: u64,
     tree: bool,
+    /// Its count-changing calls go into the linearizability history
+    /// (every `TRACK_EVERY`-th slot, whichever bytenr it holds).
+    tracked: bool,
     /// Adds queued on the current extent.
     adds: u32,
     /// `Cycle`: the extent is being emptied.
@@ -78,6 +82,7 @@ impl SlotAdder {
             .map(|i| Slot {
                 bytenr: bytenr_of(owner, i as u64),
                 tree: pattern == Pattern::Mixed && i % 2 == 1,
+                tracked: i % TRACK_EVERY == 0,
                 adds: 0,
                 dropping: false,
                 live: Vec::with_capacity(REFS_PER_HEAD as usize),
@@ -92,6 +97,12 @@ impl SlotAdder {
     /// Number of slots.
     pub fn slots(&self) -> usize {
         self.slots.len()
+    }
+
+    /// The bytenrs of the tracked slots, in slot order: tracked slot `i`
+    /// is this adder's `i / TRACK_EVERY`-th target ([`OpLog::retarget`]).
+    pub fn tracked_bytenrs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.slots.iter().filter(|s| s.tracked).map(|s| s.bytenr)
     }
 
     /// A key this slot has never handed out.
@@ -170,24 +181,41 @@ impl SlotAdder {
         }
     }
 
-    /// Queue the next operation of slot `i`; the model changes only if it succeeded.
-    pub fn step_slot<D: DelayedRefs>(&mut self, i: usize, refs: &D, trans: &mut TransHandle) -> Result<(), String> {
+    /// Queue the next operation of slot `i`, recording it in `log` if the
+    /// slot is tracked; the model changes only if it succeeded.
+    pub fn step_slot<D: DelayedRefs>(
+        &mut self,
+        i: usize,
+        refs: &D,
+        trans: &mut TransHandle,
+        log: &mut OpLog<'_>,
+    ) -> Result<(), String> {
         let op = self.plan(i);
         let s = &self.slots[i];
+        let (b, tracked) = (s.bytenr, s.tracked);
         match op {
-            Op::Add { key, first, .. } => queue_ref(refs, trans, Action::Add, s.bytenr, &key, first)?,
-            Op::Drop { idx } => queue_ref(refs, trans, Action::Drop, s.bytenr, &s.live[idx].0, false)?,
-            Op::Flags => queue_flags(refs, trans, s.bytenr, BLOCK_FLAG_FULL_BACKREF)?,
+            Op::Add { key, first, .. } => {
+                log.call(b, 1, tracked, || queue_ref(refs, trans, Action::Add, b, &key, first))?
+            }
+            Op::Drop { idx } => {
+                let key = s.live[idx].0;
+                log.call(b, -1, tracked, || queue_ref(refs, trans, Action::Drop, b, &key, false))?
+            }
+            Op::Flags => queue_flags(refs, trans, b, BLOCK_FLAG_FULL_BACKREF)?,
         }
         self.commit(i, op);
+        let now = self.slots[i].bytenr;
+        if tracked && now != b {
+            log.retarget(i / TRACK_EVERY, now);
+        }
         Ok(())
     }
 }
 
 impl Adder for SlotAdder {
-    fn step<D: DelayedRefs>(&mut self, refs: &D, trans: &mut TransHandle) -> Result<(), String> {
+    fn step<D: DelayedRefs>(&mut self, refs: &D, trans: &mut TransHandle, log: &mut OpLog<'_>) -> Result<(), String> {
         let i = self.rng.gen_range(0..self.slots.len());
-        self.step_slot(i, refs, trans)
+        self.step_slot(i, refs, trans, log)
     }
 
     fn expect(&self, oracle: &mut Oracle) {
