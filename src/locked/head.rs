@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::api::{HeadSnapshot, NodeSnapshot};
+use super::root::Root;
+use crate::api::{HeadSnapshot, HeadUpdate, NodeSnapshot};
 use crate::domain::extent_op::ExtentOp;
 use crate::domain::key::{NodeKey, comp_refs};
 use crate::domain::kind::Action;
@@ -27,18 +28,20 @@ pub(crate) struct Node {
     pub add_gen: u64,
 }
 
-/// Everything a head's lock protects (spec §1.5, L2).
+/// Everything a head's lock protects (spec §1.5, L2). The fields are
+/// private: the rest of the port changes them only through the transitions
+/// below, each taking `&mut self`, i.e. with the head lock held.
 #[derive(Debug, Default)]
 pub(crate) struct HeadInner {
-    pub num_bytes: u64,
-    pub ref_mod: i64,
-    pub total_ref_mod: i64,
-    pub owning_root: u64,
-    pub must_insert_reserved: bool,
-    pub extent_op: Option<ExtentOp>,
-    pub refs: BTreeMap<NodeKey, Node>,
-    pub add_list: VecDeque<(NodeKey, u64)>,
-    pub next_gen: u64,
+    num_bytes: u64,
+    ref_mod: i64,
+    total_ref_mod: i64,
+    owning_root: u64,
+    must_insert_reserved: bool,
+    extent_op: Option<ExtentOp>,
+    refs: BTreeMap<NodeKey, Node>,
+    add_list: VecDeque<(NodeKey, u64)>,
+    next_gen: u64,
 }
 
 /// What inserting one ref did to the head's tree (spec §3.7).
@@ -60,6 +63,77 @@ impl Node {
 }
 
 impl HeadInner {
+    /// `init_delayed_ref_head` (spec §3.4): the state of a new head from the
+    /// first update of its bytenr.
+    fn from_update(upd: &HeadUpdate) -> Self {
+        HeadInner {
+            num_bytes: upd.num_bytes,
+            ref_mod: upd.count_mod,
+            total_ref_mod: upd.count_mod,
+            owning_root: upd.owning_root,
+            must_insert_reserved: upd.must_insert_reserved,
+            extent_op: upd.extent_op,
+            ..HeadInner::default()
+        }
+    }
+
+    /// The extent's size.
+    pub fn num_bytes(&self) -> u64 {
+        self.num_bytes
+    }
+
+    /// Net count of the refs still queued (ADD > 0, DROP < 0).
+    pub fn ref_mod(&self) -> i64 {
+        self.ref_mod
+    }
+
+    /// Net count of every ref ever queued on this head (decides the pending
+    /// csum accounting of data heads).
+    pub fn total_ref_mod(&self) -> i64 {
+        self.total_ref_mod
+    }
+
+    /// The root that owns the extent (0 = not known yet).
+    pub fn owning_root(&self) -> u64 {
+        self.owning_root
+    }
+
+    /// The extent is a reserved allocation not yet inserted.
+    pub fn must_insert_reserved(&self) -> bool {
+        self.must_insert_reserved
+    }
+
+    /// The queued extent op, if any.
+    pub fn extent_op(&self) -> Option<ExtentOp> {
+        self.extent_op
+    }
+
+    /// Some ref is still queued.
+    pub fn has_refs(&self) -> bool {
+        !self.refs.is_empty()
+    }
+
+    /// `update_existing_head_ref` (spec §3.6 steps 2-6) on a head of the
+    /// same kind (step 1 is the caller's). Returns `total_ref_mod` as it was
+    /// before, for the caller's pending csum accounting.
+    pub fn update_existing(&mut self, upd: &HeadUpdate) -> i64 {
+        if self.owning_root == 0 {
+            self.owning_root = upd.owning_root;
+        }
+        if upd.must_insert_reserved {
+            self.must_insert_reserved = true;
+            self.owning_root = upd.owning_root;
+            self.num_bytes = upd.num_bytes;
+        }
+        if let Some(op) = &upd.extent_op {
+            self.extent_op = Some(ExtentOp::merged(self.extent_op.as_ref(), op));
+        }
+        let old = self.total_ref_mod;
+        self.ref_mod += upd.count_mod;
+        self.total_ref_mod += upd.count_mod;
+        old
+    }
+
     fn link_add(&mut self, key: NodeKey) -> u64 {
         self.next_gen += 1;
         let g = self.next_gen;
@@ -98,8 +172,74 @@ impl HeadInner {
     }
 
     /// Remove a node from the tree (and, lazily, from the add list).
-    pub fn remove_node(&mut self, key: &NodeKey) -> Option<Node> {
+    fn remove_node(&mut self, key: &NodeKey) -> Option<Node> {
         self.refs.remove(key)
+    }
+
+    /// Take the selected `node` at `key` off the head to run it (spec
+    /// §3.16.4): unlink it and drop its count from `ref_mod`.
+    pub fn take_ref(&mut self, key: &NodeKey, node: &Node) {
+        self.remove_node(key);
+        self.ref_mod -= node.signed();
+    }
+
+    /// Take `must_insert_reserved` (it goes with the first ref run, or with
+    /// the deleted head).
+    pub fn take_must_insert_reserved(&mut self) -> bool {
+        std::mem::take(&mut self.must_insert_reserved)
+    }
+
+    /// Take the extent op (it goes with the ref run).
+    pub fn take_extent_op(&mut self) -> Option<ExtentOp> {
+        self.extent_op.take()
+    }
+
+    /// `cleanup_extent_op` (spec §3.16.7 step 1): take the extent op; it is
+    /// returned to be run unless the extent was never inserted, in which case
+    /// it is discarded.
+    pub fn cleanup_extent_op(&mut self) -> Option<ExtentOp> {
+        let op = self.extent_op.take()?;
+        if self.must_insert_reserved { None } else { Some(op) }
+    }
+
+    /// `btrfs_free_delayed_extent_op` of the head's op: discard it unrun.
+    pub fn discard_extent_op(&mut self) {
+        self.extent_op = None;
+    }
+
+    /// Put a taken ref, its `must_insert_reserved` and its extent op back
+    /// after a backend error (the undo of [`Self::take_ref`],
+    /// [`Self::take_must_insert_reserved`] and [`Self::take_extent_op`]).
+    /// Returns what re-inserting the node did, for the caller's accounting.
+    pub fn restore_ref(&mut self, key: NodeKey, node: Node, mir: bool, op: Option<ExtentOp>) -> InsertEffect {
+        let effect = self.insert_ref(key, node.action, node.ref_mod, node.level);
+        self.ref_mod += node.signed();
+        if mir {
+            self.must_insert_reserved = true;
+        }
+        if let Some(op) = op {
+            self.restore_extent_op(op);
+        }
+        effect
+    }
+
+    /// Put back an op a failed run took; an op queued meanwhile merges over it.
+    pub fn restore_extent_op(&mut self, op: ExtentOp) {
+        self.extent_op = Some(match self.extent_op.as_ref() {
+            None => op,
+            Some(newer) => ExtentOp::merged(Some(&op), newer),
+        });
+    }
+
+    /// Drop every queued ref unrun (`btrfs_destroy_delayed_refs`): the tree
+    /// and add list are emptied and `ref_mod` zeroed. Returns the number of
+    /// nodes dropped.
+    pub fn drop_all_refs(&mut self) -> u64 {
+        let nodes = self.refs.len() as u64;
+        self.refs.clear();
+        self.add_list.clear();
+        self.ref_mod = 0;
+        nodes
     }
 
     /// `select_delayed_ref` (spec §2.4): the oldest ADD, else the leftmost node.
@@ -163,6 +303,7 @@ impl HeadInner {
 
 /// A head (spec §1.5). `processing` and `linked` are only written under the
 /// root lock (L1), like the kernel's; the rest lives under the head lock.
+/// Their setters take a `&Root` as witness that L1 is held.
 #[derive(Debug)]
 pub(crate) struct Head {
     pub bytenr: u64,
@@ -170,9 +311,9 @@ pub(crate) struct Head {
     pub is_system: bool,
     pub reserved_bytes: u64,
     /// L1-protected: selected by a runner.
-    pub processing: AtomicBool,
+    processing: AtomicBool,
     /// L1-protected: still in the index.
-    pub linked: AtomicBool,
+    linked: AtomicBool,
     /// L2.
     pub inner: Mutex<HeadInner>,
     /// L3: the run token.
@@ -180,22 +321,52 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    pub fn new(bytenr: u64, is_data: bool, is_system: bool, reserved_bytes: u64, inner: HeadInner) -> Self {
+    /// `init_delayed_ref_head` (spec §3.4): a new head, not yet linked, for
+    /// the first update of its bytenr.
+    pub fn new(upd: &HeadUpdate) -> Self {
         Head {
-            bytenr,
-            is_data,
-            is_system,
-            reserved_bytes,
+            bytenr: upd.bytenr,
+            is_data: upd.is_data,
+            is_system: upd.is_system,
+            reserved_bytes: upd.reserved,
             processing: AtomicBool::new(false),
             linked: AtomicBool::new(false),
-            inner: Mutex::new(inner),
+            inner: Mutex::new(HeadInner::from_update(upd)),
             token: Arc::new(Mutex::new(())),
         }
     }
 
+    /// Selected by a runner (root lock held by the caller).
     pub fn processing(&self) -> bool {
         // Relaxed: only written under the root lock, which every reader holds.
         self.processing.load(Ordering::Relaxed)
+    }
+
+    /// Selection (`btrfs_select_ref_head`), root lock held.
+    pub fn mark_processing(&self, _l1: &Root) {
+        self.processing.store(true, Ordering::Relaxed);
+    }
+
+    /// Unselection (`unselect_delayed_ref_head`, `btrfs_check_ref_cleanup`),
+    /// root lock held.
+    pub fn clear_processing(&self, _l1: &Root) {
+        self.processing.store(false, Ordering::Relaxed);
+    }
+
+    /// Still in the index, root lock held.
+    pub fn is_linked(&self, _l1: &Root) -> bool {
+        // Relaxed: only written under the root lock, held here.
+        self.linked.load(Ordering::Relaxed)
+    }
+
+    /// Linked into the index (`add_delayed_ref_head`), root lock held.
+    pub fn link(&self, _l1: &Root) {
+        self.linked.store(true, Ordering::Relaxed);
+    }
+
+    /// Unlinked from the index (`btrfs_delete_ref_head`), root lock held.
+    pub fn unlink(&self, _l1: &Root) {
+        self.linked.store(false, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> HeadSnapshot {

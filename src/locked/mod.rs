@@ -20,13 +20,13 @@
 mod head;
 mod run;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use parking_lot::Mutex;
 
 use self::head::{Head, HeadInner, InsertEffect};
+use self::root::Root;
 use crate::api::{
     self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
     HeadUpdate, RunMode, RunStats,
@@ -40,27 +40,168 @@ use crate::extent_tree::{ExtentInfo, ExtentTree};
 use crate::rsv::cell::LockedCell;
 use crate::rsv::handle::TransHandle;
 
-/// Stripes of `Root::heads_created`.
-const CREATED_STRIPES: usize = 32;
+/// The root lock's state in a module of its own, so that its fields are
+/// private to it: the rest of the port (this module's `LockedRefs`, `run`,
+/// `head`) reads them through the getters and changes them only through the
+/// transitions below. A `&Root` or `&mut Root` exists only behind
+/// `LockedRefs::root`, so every method runs with the root lock (L1) held.
+mod root {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
 
-/// The stripe of `bytenr` in `Root::heads_created`.
-fn created_stripe(bytenr: u64) -> usize {
-    (bytenr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize
-}
+    use super::head::Head;
+    use crate::domain::qgroup::QgroupRecord;
 
-/// What the root lock protects (spec §1.6, L1).
-#[derive(Debug, Default)]
-struct Root {
-    heads: BTreeMap<u64, Arc<Head>>,
-    num_heads: u64,
-    num_heads_ready: u64,
-    pending_csums: u64,
-    run_delayed_start: u64,
-    qgroup: BTreeMap<u64, QgroupRecord>,
-    /// Heads ever inserted, per stripe of bytenrs: a reader that found no
-    /// head re-checks its stripe after its unlocked disk lookup
-    /// (`lookup_extent_info`).
-    heads_created: [u64; CREATED_STRIPES],
+    /// Stripes of `Root::heads_created`.
+    const CREATED_STRIPES: usize = 32;
+
+    /// The stripe of `bytenr` in `Root::heads_created`.
+    fn created_stripe(bytenr: u64) -> usize {
+        (bytenr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize
+    }
+
+    /// What the root lock protects (spec §1.6, L1).
+    #[derive(Debug, Default)]
+    pub(super) struct Root {
+        heads: BTreeMap<u64, Arc<Head>>,
+        num_heads: u64,
+        num_heads_ready: u64,
+        pending_csums: u64,
+        run_delayed_start: u64,
+        qgroup: BTreeMap<u64, QgroupRecord>,
+        /// Heads ever inserted, per stripe of bytenrs: a reader that found no
+        /// head re-checks its stripe after its unlocked disk lookup
+        /// (`lookup_extent_info`).
+        heads_created: [u64; CREATED_STRIPES],
+    }
+
+    impl Root {
+        /// `btrfs_find_delayed_ref_head`: the head of `bytenr`, if linked.
+        pub(super) fn head(&self, bytenr: u64) -> Option<&Arc<Head>> {
+            self.heads.get(&bytenr)
+        }
+
+        /// The linked head of the lowest bytenr.
+        pub(super) fn first_head(&self) -> Option<&Arc<Head>> {
+            self.heads.values().next()
+        }
+
+        /// The linked heads, by bytenr.
+        pub(super) fn heads(&self) -> impl Iterator<Item = &Arc<Head>> {
+            self.heads.values()
+        }
+
+        /// No head is linked.
+        pub(super) fn is_empty(&self) -> bool {
+            self.heads.is_empty()
+        }
+
+        /// `num_heads`: linked heads.
+        pub(super) fn num_heads(&self) -> u64 {
+            self.num_heads
+        }
+
+        /// `num_heads_ready`: linked heads no runner has selected.
+        pub(super) fn num_heads_ready(&self) -> u64 {
+            self.num_heads_ready
+        }
+
+        /// `pending_csums`: bytes of data heads whose net count deletes.
+        pub(super) fn pending_csums(&self) -> u64 {
+            self.pending_csums
+        }
+
+        /// Heads ever inserted in `bytenr`'s stripe (see `heads_created`).
+        pub(super) fn heads_created(&self, bytenr: u64) -> u64 {
+            self.heads_created[created_stripe(bytenr)]
+        }
+
+        /// The qgroup extent records, by bytenr.
+        pub(super) fn qgroup_records(&self) -> impl Iterator<Item = &QgroupRecord> {
+            self.qgroup.values()
+        }
+
+        /// `btrfs_qgroup_trace_extent_nolock`: insert `rec`, or absorb it into
+        /// the record of its bytenr. Returns whether it was inserted.
+        pub(super) fn insert_qgroup_record(&mut self, rec: QgroupRecord) -> bool {
+            match self.qgroup.entry(rec.bytenr) {
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    e.get_mut().absorb(&rec);
+                    false
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(rec);
+                    true
+                }
+            }
+        }
+
+        /// `add_delayed_ref_head`'s root part (spec §3.5 step 4): link a new
+        /// head, count it in `num_heads` and `num_heads_ready`, and bump its
+        /// stripe of `heads_created`. The caller counts its entry.
+        pub(super) fn insert_head(&mut self, h: Arc<Head>) {
+            h.link(self);
+            let bytenr = h.bytenr;
+            self.heads.insert(bytenr, h);
+            self.heads_created[created_stripe(bytenr)] += 1;
+            self.num_heads += 1;
+            self.num_heads_ready += 1;
+        }
+
+        /// A data head's net count turned negative: its csum deletions are
+        /// pending (spec §3.5, §3.6).
+        pub(super) fn add_pending_csums(&mut self, bytes: u64) {
+            self.pending_csums = self.pending_csums.wrapping_add(bytes);
+        }
+
+        /// A data head's csum deletions are no longer pending (its net count
+        /// turned non-negative, or the head is gone).
+        pub(super) fn sub_pending_csums(&mut self, bytes: u64) {
+            self.pending_csums = self.pending_csums.wrapping_sub(bytes);
+        }
+
+        /// `btrfs_select_ref_head` (spec §3.13): the first head not being
+        /// processed, round robin from the cursor; it is marked processing,
+        /// leaves `num_heads_ready`, and the cursor moves past its extent.
+        /// None: every head is taken, and the cursor restarts at 0.
+        pub(super) fn select_head(&mut self) -> Option<Arc<Head>> {
+            let start = self.run_delayed_start;
+            let pick = self
+                .heads
+                .range(start..)
+                .chain(self.heads.range(..start))
+                .map(|(_, h)| h)
+                .find(|h| !h.processing())
+                .cloned();
+            let Some(h) = pick else {
+                self.run_delayed_start = 0;
+                return None;
+            };
+            h.mark_processing(self);
+            self.num_heads_ready -= 1;
+            self.run_delayed_start = h.bytenr.wrapping_add(h.inner.lock().num_bytes());
+            Some(h)
+        }
+
+        /// `unselect_delayed_ref_head` (spec §3.16.5): `h` is no longer
+        /// processed and is ready again.
+        pub(super) fn unselect_head(&mut self, h: &Head) {
+            h.clear_processing(self);
+            self.num_heads_ready += 1;
+        }
+
+        /// `btrfs_delete_ref_head`'s root part: unlink `h` and uncount it
+        /// (from `num_heads_ready` too unless a runner had selected it). The
+        /// caller holds the head lock and counts its entry.
+        pub(super) fn delete_head(&mut self, h: &Head) {
+            self.heads.remove(&h.bytenr);
+            h.unlink(self);
+            self.num_heads -= 1;
+            if !h.processing() {
+                self.num_heads_ready -= 1;
+            }
+        }
+    }
 }
 
 /// The delayed-ref root with the kernel's three locks (see module docs).
@@ -77,6 +218,28 @@ impl LockedRefs {
         self.num_entries.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// `btrfs_delete_ref_head` (spec §3.16.7 step 3), root and head locks
+    /// held: unlink `h` and count its entry gone.
+    fn delete_ref_head(&self, root: &mut Root, h: &Head) {
+        root.delete_head(h);
+        self.entries_add(-1);
+    }
+
+    /// `btrfs_cleanup_ref_head_accounting` (spec §3.16.7 step 5) of a deleted
+    /// head, root and head locks held: a data head whose net count deletes
+    /// takes its bytes out of `pending_csums` and releases its csum leaves
+    /// from the reserve. Returns the leaves released, if any.
+    fn cleanup_ref_head_accounting(&self, root: &mut Root, h: &Head, hi: &HeadInner) -> Option<u64> {
+        if !(h.is_data && hi.total_ref_mod() < 0) {
+            return None;
+        }
+        let nb = hi.num_bytes();
+        root.sub_pending_csums(nb);
+        let lv = self.fs.reserves.geometry().csum_leaves(nb);
+        self.fs.reserves.delayed_refs_rsv_release(0, lv);
+        Some(lv)
+    }
+
     /// Find-or-create the head and apply the head update (spec §3.5, §3.6),
     /// then insert the node (§3.7), all under L1 as in the kernel.
     fn add_locked(
@@ -89,7 +252,7 @@ impl LockedRefs {
         let g = *self.fs.reserves.geometry();
         let mut out = AddOutcome { merged: false, qgroup_record_inserted: false };
         let mut root = self.root.lock();
-        let existing = root.heads.get(&upd.bytenr).cloned();
+        let existing = root.head(upd.bytenr).cloned();
         if let Some(h) = &existing {
             if h.is_data != upd.is_data {
                 // The kernel BUGs (§3.6 step 1); checked before any change.
@@ -97,39 +260,22 @@ impl LockedRefs {
             }
         }
         if let Some(rec) = rec {
-            match root.qgroup.entry(rec.bytenr) {
-                std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().absorb(&rec),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(rec);
-                    out.qgroup_record_inserted = true;
-                }
+            if root.insert_qgroup_record(rec) {
+                out.qgroup_record_inserted = true;
             }
         }
         let head = match existing {
             Some(h) => {
                 let mut hi = h.inner.lock();
                 // §3.6 steps 2-6.
-                if hi.owning_root == 0 {
-                    hi.owning_root = upd.owning_root;
-                }
-                if upd.must_insert_reserved {
-                    hi.must_insert_reserved = true;
-                    hi.owning_root = upd.owning_root;
-                    hi.num_bytes = upd.num_bytes;
-                }
-                if let Some(op) = &upd.extent_op {
-                    hi.extent_op = Some(ExtentOp::merged(hi.extent_op.as_ref(), op));
-                }
-                let old = hi.total_ref_mod;
-                hi.ref_mod += upd.count_mod;
-                hi.total_ref_mod += upd.count_mod;
+                let old = hi.update_existing(&upd);
                 if h.is_data {
-                    let lv = g.csum_leaves(hi.num_bytes);
-                    if old < 0 && hi.total_ref_mod >= 0 {
-                        root.pending_csums = root.pending_csums.wrapping_sub(hi.num_bytes);
+                    let lv = g.csum_leaves(hi.num_bytes());
+                    if old < 0 && hi.total_ref_mod() >= 0 {
+                        root.sub_pending_csums(hi.num_bytes());
                         self.fs.reserves.delayed_refs_rsv_release(0, lv);
-                    } else if old >= 0 && hi.total_ref_mod < 0 {
-                        root.pending_csums = root.pending_csums.wrapping_add(hi.num_bytes);
+                    } else if old >= 0 && hi.total_ref_mod() < 0 {
+                        root.add_pending_csums(hi.num_bytes());
                         trans.delayed_ref_csum_deletions += lv;
                     }
                 }
@@ -138,25 +284,12 @@ impl LockedRefs {
             }
             None => {
                 // §3.4 init, §3.5 step 4 link.
-                let inner = HeadInner {
-                    num_bytes: upd.num_bytes,
-                    ref_mod: upd.count_mod,
-                    total_ref_mod: upd.count_mod,
-                    owning_root: upd.owning_root,
-                    must_insert_reserved: upd.must_insert_reserved,
-                    extent_op: upd.extent_op,
-                    ..HeadInner::default()
-                };
-                let h = Arc::new(Head::new(upd.bytenr, upd.is_data, upd.is_system, upd.reserved, inner));
-                h.linked.store(true, Ordering::Relaxed);
-                root.heads.insert(upd.bytenr, h.clone());
-                root.heads_created[created_stripe(upd.bytenr)] += 1;
+                let h = Arc::new(Head::new(&upd));
+                root.insert_head(h.clone());
                 if upd.is_data && upd.count_mod < 0 {
-                    root.pending_csums = root.pending_csums.wrapping_add(upd.num_bytes);
+                    root.add_pending_csums(upd.num_bytes);
                     trans.delayed_ref_csum_deletions += g.csum_leaves(upd.num_bytes);
                 }
-                root.num_heads += 1;
-                root.num_heads_ready += 1;
                 self.entries_add(1);
                 h
             }
@@ -200,9 +333,7 @@ impl LockedRefs {
 
     /// Unselect a head (spec §3.16.5); the caller then drops its token.
     fn unselect(&self, head: &Head) {
-        let mut root = self.root.lock();
-        head.processing.store(false, Ordering::Relaxed);
-        root.num_heads_ready += 1;
+        self.root.lock().unselect_head(head);
     }
 }
 
@@ -239,7 +370,7 @@ impl DelayedRefs for LockedRefs {
 
     fn find_head(&self, bytenr: u64) -> Option<HeadSnapshot> {
         let root = self.root.lock();
-        root.heads.get(&bytenr).map(|h| h.snapshot())
+        root.head(bytenr).map(|h| h.snapshot())
     }
 
     fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
@@ -253,16 +384,16 @@ impl DelayedRefs for LockedRefs {
     fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
         loop {
             let root = self.root.lock();
-            let Some(h) = root.heads.get(&bytenr).cloned() else {
+            let Some(h) = root.head(bytenr).cloned() else {
                 // No head: the disk alone is the answer, unless a head was
                 // created, partly run and maybe retired while the unlocked
                 // lookup read the disk (the kernel keeps the extent tree leaf
                 // locked across its lookup; this port's backend is opaque).
-                let created = root.heads_created[created_stripe(bytenr)];
+                let created = root.heads_created(bytenr);
                 drop(root);
                 let disk = backend.lookup(bytenr);
                 let root = self.root.lock();
-                if root.heads_created[created_stripe(bytenr)] == created {
+                if root.heads_created(bytenr) == created {
                     return disk;
                 }
                 continue;
@@ -277,10 +408,10 @@ impl DelayedRefs for LockedRefs {
             let disk = backend.lookup(bytenr);
             let hi = h.inner.lock();
             let mut info = disk.unwrap_or(ExtentInfo { refs: 0, flags: 0 });
-            if let Some(op) = hi.extent_op.filter(|o| o.update_flags) {
+            if let Some(op) = hi.extent_op().filter(|o| o.update_flags) {
                 info.flags |= op.flags_to_set;
             }
-            info.refs = (info.refs as i64).wrapping_add(hi.ref_mod) as u64;
+            info.refs = (info.refs as i64).wrapping_add(hi.ref_mod()) as u64;
             drop(hi);
             drop(token);
             return Some(info);
@@ -288,29 +419,19 @@ impl DelayedRefs for LockedRefs {
     }
 
     fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome {
-        let g = *self.fs.reserves.geometry();
         let mut root = self.root.lock();
-        let Some(h) = root.heads.get(&bytenr).cloned() else { return CleanupOutcome::NoHead };
+        let Some(h) = root.head(bytenr).cloned() else { return CleanupOutcome::NoHead };
         let mut hi = h.inner.lock();
-        if !hi.refs.is_empty() || (hi.extent_op.is_some() && !hi.must_insert_reserved) {
+        if hi.has_refs() || (hi.extent_op().is_some() && !hi.must_insert_reserved()) {
             return CleanupOutcome::Busy;
         }
         let Some(token) = h.token.try_lock_arc() else { return CleanupOutcome::Busy };
         // cleanup_extent_op: an op on a never-inserted extent is discarded.
-        hi.extent_op = None;
-        root.heads.remove(&bytenr);
-        h.linked.store(false, Ordering::Relaxed);
-        self.entries_add(-1);
-        root.num_heads -= 1;
-        if !h.processing() {
-            root.num_heads_ready -= 1;
-        }
-        h.processing.store(false, Ordering::Relaxed);
-        let mir = std::mem::take(&mut hi.must_insert_reserved);
-        if h.is_data && hi.total_ref_mod < 0 {
-            root.pending_csums = root.pending_csums.wrapping_sub(hi.num_bytes);
-            self.fs.reserves.delayed_refs_rsv_release(0, g.csum_leaves(hi.num_bytes));
-        }
+        hi.discard_extent_op();
+        self.delete_ref_head(&mut root, &h);
+        h.clear_processing(&root);
+        let mir = hi.take_must_insert_reserved();
+        self.cleanup_ref_head_accounting(&mut root, &h, &hi);
         drop(hi);
         drop(root);
         drop(token);
@@ -318,44 +439,31 @@ impl DelayedRefs for LockedRefs {
     }
 
     fn destroy<B: ExtentTree + ?Sized>(&self, backend: &B) -> DestroyStats {
-        let g = *self.fs.reserves.geometry();
         let mut stats = DestroyStats::default();
         loop {
             let mut root = self.root.lock();
-            let Some(h) = root.heads.values().next().cloned() else { break };
+            let Some(h) = root.first_head().cloned() else { break };
             let token = match h.token.try_lock_arc() {
                 Some(t) => t,
                 None => {
                     drop(root);
                     let t = h.token.lock_arc();
                     root = self.root.lock();
-                    if !h.linked.load(Ordering::Relaxed) {
+                    if !h.is_linked(&root) {
                         continue;
                     }
                     t
                 }
             };
             let mut hi = h.inner.lock();
-            let nodes = hi.refs.len() as u64;
-            hi.refs.clear();
-            hi.add_list.clear();
-            hi.ref_mod = 0;
+            let nodes = hi.drop_all_refs();
             self.entries_add(-(nodes as i64));
             self.fs.reserves.delayed_refs_rsv_release(nodes, 0);
-            let mir = std::mem::take(&mut hi.must_insert_reserved);
-            hi.extent_op = None;
-            root.heads.remove(&h.bytenr);
-            h.linked.store(false, Ordering::Relaxed);
-            self.entries_add(-1);
-            root.num_heads -= 1;
-            if !h.processing() {
-                root.num_heads_ready -= 1;
-            }
-            if h.is_data && hi.total_ref_mod < 0 {
-                root.pending_csums = root.pending_csums.wrapping_sub(hi.num_bytes);
-                self.fs.reserves.delayed_refs_rsv_release(0, g.csum_leaves(hi.num_bytes));
-            }
-            let nb = hi.num_bytes;
+            let mir = hi.take_must_insert_reserved();
+            hi.discard_extent_op();
+            self.delete_ref_head(&mut root, &h);
+            self.cleanup_ref_head_accounting(&mut root, &h, &hi);
+            let nb = hi.num_bytes();
             drop(hi);
             drop(root);
             if mir {
@@ -372,19 +480,19 @@ impl DelayedRefs for LockedRefs {
     fn counters(&self) -> Counters {
         let root = self.root.lock();
         Counters {
-            num_heads: root.num_heads,
-            num_heads_ready: root.num_heads_ready,
+            num_heads: root.num_heads(),
+            num_heads_ready: root.num_heads_ready(),
             num_entries: self.num_entries.load(Ordering::Relaxed) as u64,
-            pending_csums: root.pending_csums,
+            pending_csums: root.pending_csums(),
         }
     }
 
     fn snapshot(&self) -> Vec<HeadSnapshot> {
         let root = self.root.lock();
-        root.heads.values().map(|h| h.snapshot()).collect()
+        root.heads().map(|h| h.snapshot()).collect()
     }
 
     fn qgroup_records(&self) -> Vec<QgroupRecord> {
-        self.root.lock().qgroup.values().copied().collect()
+        self.root.lock().qgroup_records().copied().collect()
     }
 }

@@ -193,27 +193,55 @@ pub(crate) struct RefNode {
 }
 
 /// A head (spec §1.5), stored inline in the index's skiplist node.
+///
+/// Every field is private: each protocol's state changes only through the
+/// method named after its transition (below), with its ordering argument
+/// next to the atomic operation. Who may call what:
+///
+/// | state | adders (between `enter` and `exit`) | the claiming runner | readers |
+/// |---|---|---|---|
+/// | lifecycle word (`state`) | `exit`, `exit_noting_late_add` | `try_claim`, `unclaim`, `word` (close: `index::retire`) | `is_live`, `is_closed` |
+/// | seqlock (`run_seq`) | — | `open_apply_window` (the only writer) | `read_seq` |
+/// | counts (`ref_mod`, `total_ref_mod`) | `apply_count_mod` | `take_ref_mod`, `restore_ref_mod`, `total_ref_mod` | `ref_mod` |
+/// | allocation (`owning_root`, `num_bytes`, `must_insert_reserved`) | `fill_owning_root`, `reallocate` | `take_must_insert`, `restore_must_insert` | getters |
+/// | extent op | `merge_op` | `take_op`, `restore_op`, `has_op` | `op` |
+/// | late-ADD markers (`add_epoch`, marker range) | `exit_noting_late_add` | `add_epoch`, `markers` | — |
 #[derive(Debug)]
 pub(crate) struct Head {
     /// This head object's generation: its marker and node ranges in the
     /// [`NodeMap`] are the slots `generation << 1 | tag`.
-    pub generation: u64,
-    pub is_data: bool,
-    pub is_system: bool,
-    pub reserved_bytes: u64,
-    pub state: HeadState,
-    pub num_bytes: AtomicU64,
-    pub ref_mod: AtomicI64,
-    pub total_ref_mod: AtomicI64,
-    pub owning_root: AtomicU64,
-    pub must_insert_reserved: AtomicBool,
-    pub extent_op: OpSlot,
+    generation: u64,
+    is_data: bool,
+    is_system: bool,
+    reserved_bytes: u64,
+    state: HeadState,
+    num_bytes: AtomicU64,
+    ref_mod: AtomicI64,
+    total_ref_mod: AtomicI64,
+    owning_root: AtomicU64,
+    must_insert_reserved: AtomicBool,
+    extent_op: OpSlot,
     /// Bumped after an adder noted a late ADD (a marker, see the module
     /// docs): the runner's drop phase runs the marked ADDs when it moves.
-    pub add_epoch: AtomicU64,
+    add_epoch: AtomicU64,
     /// Reader seqlock (spec §3.17): odd while a ref taken from this head is
-    /// not yet applied to the backend. Only the claiming runner writes it.
-    pub run_seq: AtomicU64,
+    /// not yet applied to the backend. Only the claiming runner writes it,
+    /// through [`Head::open_apply_window`].
+    run_seq: AtomicU64,
+}
+
+/// The seqlock's odd window, opened by [`Head::open_apply_window`]: while
+/// it lives, readers of this head retry. Dropping it closes the window
+/// (even again), on every path out of a take, including an unwinding one.
+#[must_use = "the window closes when dropped"]
+pub(crate) struct ApplyWindow<'h>(&'h AtomicU64);
+
+impl Drop for ApplyWindow<'_> {
+    fn drop(&mut self) {
+        // Release: the even value publishes the applied (or restored)
+        // state; pairs with the readers' Acquire loads in `read_seq`.
+        self.0.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl Head {
@@ -235,6 +263,193 @@ impl Head {
             add_epoch: AtomicU64::new(0),
             run_seq: AtomicU64::new(0),
         }
+    }
+
+    /// A data head (else a tree block's).
+    pub(crate) fn is_data(&self) -> bool {
+        self.is_data
+    }
+
+    // ---- lifecycle word (module `state`) ----
+
+    /// Leave as an adder (`HeadState::exit`).
+    pub(crate) fn exit(&self) {
+        self.state.exit()
+    }
+
+    /// Leave as an adder that made the node `key` an ADD: if a runner holds
+    /// the head, leave it a late-ADD marker first (`HeadState::exit_noting`,
+    /// [`Head::note_late_add`]).
+    pub(crate) fn exit_noting_late_add<N: NodeMap>(&self, map: &N, key: NodeKey, guard: &N::Guard) {
+        self.state.exit_noting(|| self.note_late_add(map, key, guard))
+    }
+
+    /// Claim for running (`HeadState::try_claim`).
+    pub(crate) fn try_claim(&self) -> bool {
+        self.state.try_claim()
+    }
+
+    /// Give the claim back (`HeadState::unclaim`).
+    pub(crate) fn unclaim(&self) {
+        self.state.unclaim()
+    }
+
+    /// The lifecycle word, for a close from exactly this word.
+    pub(crate) fn word(&self) -> u64 {
+        self.state.load()
+    }
+
+    /// Whether the head was retired.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.is_closed()
+    }
+
+    /// Born and not retired: what snapshots and `find_head` show.
+    pub(crate) fn is_live(&self) -> bool {
+        let w = self.state.load();
+        w & super::state::CLOSED == 0 && w & super::state::BORN != 0
+    }
+
+    // ---- reader seqlock ----
+
+    /// Open the odd window before taking a ref or the leftover op; the
+    /// window closes (even, Release) when the returned value drops.
+    pub(crate) fn open_apply_window(&self) -> ApplyWindow<'_> {
+        // Relaxed: ordered before the take's RMWs that follow (the CAS on
+        // the node count, `take_ref_mod`'s AcqRel, the op slot's swap),
+        // which release it to a reader that sees their effect.
+        self.run_seq.fetch_add(1, Ordering::Relaxed);
+        ApplyWindow(&self.run_seq)
+    }
+
+    /// The seqlock value (a reader reads it before and after its lookup).
+    pub(crate) fn read_seq(&self) -> u64 {
+        // Acquire: pairs with the Release close of an apply window.
+        self.run_seq.load(Ordering::Acquire)
+    }
+
+    // ---- counts ----
+
+    /// An adder's `count_mod` (spec §3.6): `ref_mod` and `total_ref_mod`
+    /// change by `delta`; returns `total_ref_mod`'s old value, which tells
+    /// exactly one thread about each crossing of zero (`pending_csums`).
+    pub(crate) fn apply_count_mod(&self, delta: i64) -> i64 {
+        // AcqRel: pairs with the runner's RMWs on ref_mod and readers'
+        // Acquire loads (docs/protocols.md §f).
+        self.ref_mod.fetch_add(delta, Ordering::AcqRel);
+        self.total_ref_mod.fetch_add(delta, Ordering::AcqRel)
+    }
+
+    /// The runner took `v` from a node (inside an apply window).
+    pub(crate) fn take_ref_mod(&self, v: i64) {
+        // AcqRel: Release publishes the window's odd value to a reader that
+        // sees this change (docs/protocols.md §f).
+        self.ref_mod.fetch_sub(v, Ordering::AcqRel);
+    }
+
+    /// Put back `v` a failed run took.
+    pub(crate) fn restore_ref_mod(&self, v: i64) {
+        // AcqRel: as `take_ref_mod`.
+        self.ref_mod.fetch_add(v, Ordering::AcqRel);
+    }
+
+    /// Pending refs (a reader's or a snapshot's view).
+    pub(crate) fn ref_mod(&self) -> i64 {
+        // Acquire: pairs with the AcqRel changes above.
+        self.ref_mod.load(Ordering::Acquire)
+    }
+
+    /// Pending refs counting never-inserted reservations (the runner, at retire).
+    pub(crate) fn total_ref_mod(&self) -> i64 {
+        // Acquire: pairs with `apply_count_mod`.
+        self.total_ref_mod.load(Ordering::Acquire)
+    }
+
+    // ---- allocation fields (spec §3.6 steps 2-3) ----
+
+    /// Fill in a missing owning root.
+    pub(crate) fn fill_owning_root(&self, root: u64) {
+        // AcqRel: pairs with the Acquire loads of `owning_root`.
+        let _ = self.owning_root.compare_exchange(0, root, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// A (re-)allocation under must_insert_reserved: owning root and size
+    /// overwritten (§5.11a), then the flag set.
+    pub(crate) fn reallocate(&self, owning_root: u64, num_bytes: u64) {
+        // Release: pairs with the runner's Acquire loads when it takes the flag.
+        self.owning_root.store(owning_root, Ordering::Release);
+        self.num_bytes.store(num_bytes, Ordering::Release);
+        self.must_insert_reserved.store(true, Ordering::Release);
+    }
+
+    /// The runner takes must_insert_reserved for the ref it runs (a load
+    /// first: the swap is an RMW most refs do not need; a flag set right
+    /// after the load stays for the next ref or the retire).
+    pub(crate) fn take_must_insert(&self) -> bool {
+        // Acquire/AcqRel: pair with `reallocate`'s Release store.
+        self.must_insert_reserved.load(Ordering::Acquire) && self.must_insert_reserved.swap(false, Ordering::AcqRel)
+    }
+
+    /// Put back a flag a failed run took.
+    pub(crate) fn restore_must_insert(&self) {
+        // Release: as `reallocate`.
+        self.must_insert_reserved.store(true, Ordering::Release);
+    }
+
+    /// Whether the item must still be inserted (the op of such a head waits).
+    pub(crate) fn must_insert_reserved(&self) -> bool {
+        // Acquire: pairs with `reallocate`.
+        self.must_insert_reserved.load(Ordering::Acquire)
+    }
+
+    /// The retiring runner takes the flag for good.
+    pub(crate) fn clear_must_insert(&self) -> bool {
+        // AcqRel: pairs with `reallocate`; the head is closed, no adder sets it again.
+        self.must_insert_reserved.swap(false, Ordering::AcqRel)
+    }
+
+    /// The extent's length.
+    pub(crate) fn num_bytes(&self) -> u64 {
+        // Acquire: pairs with `reallocate`.
+        self.num_bytes.load(Ordering::Acquire)
+    }
+
+    /// The owning root (0: not known).
+    pub(crate) fn owning_root(&self) -> u64 {
+        // Acquire: pairs with `fill_owning_root` and `reallocate`.
+        self.owning_root.load(Ordering::Acquire)
+    }
+
+    // ---- extent op ----
+
+    /// Take the pending extent op.
+    pub(crate) fn take_op(&self) -> Option<ExtentOp> {
+        self.extent_op.take()
+    }
+
+    /// Whether an extent op is pending.
+    pub(crate) fn has_op(&self) -> bool {
+        self.extent_op.is_some()
+    }
+
+    /// A copy of the pending extent op.
+    pub(crate) fn op(&self) -> Option<ExtentOp> {
+        self.extent_op.get()
+    }
+
+    /// Leftover work that keeps the head from closing: an extent op on an
+    /// item that exists (an op on a must_insert_reserved head goes with it).
+    pub(crate) fn has_pending_op(&self) -> bool {
+        self.has_op() && !self.must_insert_reserved()
+    }
+
+    // ---- late-ADD markers ----
+
+    /// How many late ADDs were noted (`note_late_add`).
+    pub(crate) fn add_epoch(&self) -> u64 {
+        // Acquire: pairs with `note_late_add`'s Release bump, made after its
+        // marker was in the map.
+        self.add_epoch.load(Ordering::Acquire)
     }
 
     fn slot(&self, tag: u64) -> u64 {
@@ -314,7 +529,7 @@ impl Head {
 
     /// Note a late ADD at `key` (see the module docs): called by the adder
     /// that made the node an ADD, still inside, while a runner holds the head.
-    pub(crate) fn note_late_add<N: NodeMap>(&self, map: &N, key: NodeKey, guard: &N::Guard) {
+    fn note_late_add<N: NodeMap>(&self, map: &N, key: NodeKey, guard: &N::Guard) {
         let ix = NodeIx { slot: self.slot(MARK_TAG), key };
         change_entry(map, ix, 1, None, true, guard);
         // Release: after the marker is in the map; pairs with the runner's
@@ -366,14 +581,14 @@ impl Head {
         }
         HeadSnapshot {
             bytenr,
-            num_bytes: self.num_bytes.load(Ordering::Acquire),
+            num_bytes: self.num_bytes(),
             is_data: self.is_data,
             is_system: self.is_system,
-            ref_mod: self.ref_mod.load(Ordering::Acquire),
-            total_ref_mod: self.total_ref_mod.load(Ordering::Acquire),
-            must_insert_reserved: self.must_insert_reserved.load(Ordering::Acquire),
+            ref_mod: self.ref_mod(),
+            total_ref_mod: self.total_ref_mod(),
+            must_insert_reserved: self.must_insert_reserved(),
             processing: self.state.load() & super::state::PROCESSING != 0,
-            owning_root: self.owning_root.load(Ordering::Acquire),
+            owning_root: self.owning_root(),
             reserved_bytes: self.reserved_bytes,
             extent_op: self.extent_op.get(),
             nodes,

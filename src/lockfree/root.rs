@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::extent_tree::{ExtentInfo, ExtentTree};
 use crate::rsv::cell::AtomicCell;
 use crate::rsv::handle::TransHandle;
-use crate::sync::{AtomicU64, Mutex, Ordering};
+use crate::sync::{AtomicU64, Mutex};
 
 /// The lock-free engine over its stores (module `store`): everything the
 /// add, run, reader, cleanup and destroy paths do. [`LockFreeRefs`] is this
@@ -111,9 +111,9 @@ impl<S: Stores> Engine<S> {
             self.counters.num_heads_ready.add(1);
             self.counters.num_entries.add(1);
         }
-        if head.is_data != upd.is_data {
-            head.state.exit();
-            return Err(Error::DataMismatch { bytenr: upd.bytenr, head_is_data: head.is_data });
+        if head.is_data() != upd.is_data {
+            head.exit();
+            return Err(Error::DataMismatch { bytenr: upd.bytenr, head_is_data: head.is_data() });
         }
         let mut out = AddOutcome { merged: false, qgroup_record_inserted: false };
         if let Some(rec) = rec {
@@ -129,28 +129,22 @@ impl<S: Stores> Engine<S> {
         // Head fields below are independent words that guard no other memory;
         // the runner reads them after claiming, and the state word's
         // Acquire/Release (enter/exit vs close) orders them for it.
-        // §3.6 step 2: fill in a missing owning root. AcqRel: pairs with the
-        // Acquire loads in the runner and in `snapshot`.
-        let _ = head.owning_root.compare_exchange(0, upd.owning_root, Ordering::AcqRel, Ordering::Acquire);
+        // §3.6 step 2: fill in a missing owning root.
+        head.fill_owning_root(upd.owning_root);
         if upd.must_insert_reserved {
-            // §3.6 step 3 (re-allocation: size overwritten, §5.11a). Release:
-            // pairs with the runner's Acquire loads when it takes the flag.
-            head.owning_root.store(upd.owning_root, Ordering::Release);
-            head.num_bytes.store(upd.num_bytes, Ordering::Release);
-            head.must_insert_reserved.store(true, Ordering::Release);
+            // §3.6 step 3 (re-allocation: size overwritten, §5.11a).
+            head.reallocate(upd.owning_root, upd.num_bytes);
         }
         if let Some(op) = &upd.extent_op {
             head.merge_op(op);
         }
         if upd.count_mod != 0 {
-            // AcqRel: pairs with the runner's RMWs on ref_mod and readers'
-            // Acquire loads (seqlock, docs/protocols.md); total_ref_mod's old
-            // value decides the pending_csums crossing for exactly one thread.
-            head.ref_mod.fetch_add(upd.count_mod, Ordering::AcqRel);
-            let old = head.total_ref_mod.fetch_add(upd.count_mod, Ordering::AcqRel);
+            // total_ref_mod's old value decides the pending_csums crossing
+            // for exactly one thread.
+            let old = head.apply_count_mod(upd.count_mod);
             let total = old + upd.count_mod;
-            if head.is_data {
-                let nb = head.num_bytes.load(Ordering::Acquire);
+            if head.is_data() {
+                let nb = head.num_bytes();
                 let lv = g.csum_leaves(nb);
                 if old < 0 && total >= 0 {
                     self.counters.pending_csums.add(-(nb as i64));
@@ -185,8 +179,8 @@ impl<S: Stores> Engine<S> {
             // A runner that claimed the head before this exit may be past
             // this key in its add scan: leave it a late-ADD marker (module
             // `head`, adds before drops).
-            Some(key) => head.state.exit_noting(|| head.note_late_add(&self.nodes, key, &guard)),
-            None => head.state.exit(),
+            Some(key) => head.exit_noting_late_add(&self.nodes, key, &guard),
+            None => head.exit(),
         }
         drop(entry);
         drop(guard);
@@ -227,10 +221,10 @@ impl<S: Stores> Engine<S> {
         let g = *self.fs.reserves.geometry();
         self.counters.num_heads.add(-1);
         self.counters.num_entries.add(-1);
-        let mir = head.must_insert_reserved.swap(false, Ordering::AcqRel);
+        let mir = head.clear_must_insert();
         let mut released = 0;
-        if head.is_data && head.total_ref_mod.load(Ordering::Acquire) < 0 {
-            let nb = head.num_bytes.load(Ordering::Acquire);
+        if head.is_data() && head.total_ref_mod() < 0 {
+            let nb = head.num_bytes();
             self.counters.pending_csums.add(-(nb as i64));
             let lv = g.csum_leaves(nb);
             self.fs.reserves.delayed_refs_rsv_release(0, lv);
@@ -242,7 +236,7 @@ impl<S: Stores> Engine<S> {
     /// Unselect a claimed head (spec §3.16.5).
     pub(super) fn unselect(&self, head: &Head) {
         self.counters.num_heads_ready.add(1);
-        head.state.unclaim();
+        head.unclaim();
     }
 }
 
@@ -279,11 +273,7 @@ impl<S: Stores> Engine<S> {
 
     pub(crate) fn find_head(&self, bytenr: u64) -> Option<HeadSnapshot> {
         let guard = self.pin();
-        let e = self.heads.get(&bytenr, &guard)?;
-        let w = e.value().state.load();
-        if w & super::state::CLOSED != 0 || w & super::state::BORN == 0 {
-            return None;
-        }
+        let e = self.heads.get(&bytenr, &guard).filter(|e| e.value().is_live())?;
         Some(e.value().snapshot(bytenr, &self.nodes, &guard))
     }
 
@@ -319,25 +309,24 @@ impl<S: Stores> Engine<S> {
         let retires = self.retire_seq.stripe(bytenr);
         let r1 = retires.read();
         let guard = self.pin();
-        let live = |e: &HeadEntry<'_, S>| !e.value().state.is_closed();
+        let live = |e: &HeadEntry<'_, S>| !e.value().is_closed();
         let Some(e) = self.heads.get(&bytenr, &guard).filter(live) else {
             let disk = backend.lookup(bytenr);
             let calm = self.heads.get(&bytenr, &guard).filter(live).is_none() && retires.read() == r1;
             return calm.then_some(disk);
         };
         let head = e.value();
-        // Acquire: pairs with the runner's seqlock writes (docs/protocols.md).
-        let s1 = head.run_seq.load(Ordering::Acquire);
+        let s1 = head.read_seq();
         if s1 & 1 == 1 {
             return None;
         }
         let disk = backend.lookup(bytenr);
-        let rm = head.ref_mod.load(Ordering::Acquire);
-        let op = head.extent_op.get();
-        let s2 = head.run_seq.load(Ordering::Acquire);
+        let rm = head.ref_mod();
+        let op = head.op();
+        let s2 = head.read_seq();
         // Still open after s2: no newer head of this bytenr can have
         // applied anything the lookup saw.
-        if s1 != s2 || head.state.is_closed() {
+        if s1 != s2 || head.is_closed() {
             return None;
         }
         let mut info = disk.unwrap_or(ExtentInfo { refs: 0, flags: 0 });
@@ -352,20 +341,17 @@ impl<S: Stores> Engine<S> {
         let guard = self.pin();
         let Some(e) = self.heads.get(&bytenr, &guard) else { return CleanupOutcome::NoHead };
         let head = e.value();
-        let busy = |h: &Head| {
-            h.has_refs(&self.nodes, &guard)
-                || (h.extent_op.is_some() && !h.must_insert_reserved.load(Ordering::Acquire))
-        };
-        if busy(head) || !head.state.try_claim() {
+        let busy = |h: &Head| h.has_refs(&self.nodes, &guard) || h.has_pending_op();
+        if busy(head) || !head.try_claim() {
             return CleanupOutcome::Busy;
         }
         self.counters.num_heads_ready.add(-1);
-        let w0 = head.state.load();
+        let w0 = head.word();
         if busy(head) {
             self.unselect(head);
             return CleanupOutcome::Busy;
         }
-        let op = head.extent_op.take();
+        let op = head.take_op();
         match self.retire(&e, w0, &guard) {
             Some((mir, _)) => CleanupOutcome::Deleted { must_insert_reserved: mir },
             None => {
@@ -395,24 +381,24 @@ impl<S: Stores> Engine<S> {
         let guard = self.pin();
         let e = self.heads.front(&guard)?;
         let head = e.value();
-        if head.state.is_closed() {
+        if head.is_closed() {
             e.remove();
             return Some(false);
         }
-        if !head.state.try_claim() {
+        if !head.try_claim() {
             return Some(true);
         }
         self.counters.num_heads_ready.add(-1);
         for node in head.nodes(&self.nodes, &guard) {
             let v = super::count::take_all(&node.value().count);
             if v != 0 {
-                head.ref_mod.fetch_sub(v, Ordering::AcqRel);
+                head.take_ref_mod(v);
                 self.counters.num_entries.add(-1);
                 self.fs.reserves.delayed_refs_rsv_release(1, 0);
                 stats.nodes += 1;
             }
         }
-        let w0 = head.state.load();
+        let w0 = head.word();
         if head.has_refs(&self.nodes, &guard) {
             self.unselect(head);
             return Some(false);
@@ -420,11 +406,11 @@ impl<S: Stores> Engine<S> {
         match self.retire(&e, w0, &guard) {
             Some((mir, _)) => {
                 // Closed: no adder can merge into the op any more; drop it.
-                head.extent_op.take();
+                head.take_op();
                 stats.heads += 1;
                 if mir {
-                    let nb = head.num_bytes.load(Ordering::Acquire);
-                    backend.pin_reserved(*e.key(), nb, head.is_data);
+                    let nb = head.num_bytes();
+                    backend.pin_reserved(*e.key(), nb, head.is_data());
                     stats.pinned_bytes += nb;
                 }
             }
@@ -451,8 +437,7 @@ impl<S: Stores> Engine<S> {
         let mut out = Vec::new();
         let mut e = self.heads.front(&guard);
         while let Some(h) = e {
-            let w = h.value().state.load();
-            if w & super::state::CLOSED == 0 && w & super::state::BORN != 0 {
+            if h.value().is_live() {
                 out.push(h.value().snapshot(*h.key(), &self.nodes, &guard));
             }
             e = h.next();

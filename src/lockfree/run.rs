@@ -62,9 +62,9 @@ fn select<'g, S: Stores>(refs: &'g Engine<S>, guard: &'g S::Guard) -> Option<Hea
                 break;
             }
             let h = x.value();
-            if h.state.is_closed() {
+            if h.is_closed() {
                 x.remove();
-            } else if h.state.try_claim() {
+            } else if h.try_claim() {
                 return Some(x);
             }
             e = x.next();
@@ -78,7 +78,7 @@ fn select<'g, S: Stores>(refs: &'g Engine<S>, guard: &'g S::Guard) -> Option<Hea
             refs.counters.num_heads_ready.add(-1);
             let h = x.value();
             // Relaxed: the cursor is only a hint (invariant 6).
-            refs.run_start.store(x.key().wrapping_add(h.num_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+            refs.run_start.store(x.key().wrapping_add(h.num_bytes()), Ordering::Relaxed);
         }
         None => refs.run_start.store(0, Ordering::Relaxed),
     }
@@ -113,49 +113,47 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
         if v == 0 || (v > 0) != want_add {
             return Ok(Take::Nothing);
         }
-        // Drop scan: re-check for late ADDs after reading the DROP. Acquire:
-        // the peek above read this count from an adder's AcqRel RMW (or a
-        // later one in its release sequence), so an ADD that adder, or any
-        // thread before it, noted has its Release bump of add_epoch visible
-        // here. Without this, an ADD and then a DROP queued between the
-        // caller's look and this take could run DROP first.
-        if late_seen.is_some_and(|s| head.add_epoch.load(Ordering::Acquire) != s) {
+        // Drop scan: re-check for late ADDs after reading the DROP. The
+        // Acquire load (`add_epoch`) comes after the peek above, which read
+        // this count from an adder's AcqRel RMW (or a later one in its
+        // release sequence), so an ADD that adder, or any thread before it,
+        // noted has its Release bump of add_epoch visible here. Without
+        // this, an ADD and then a DROP queued between the caller's look and
+        // this take could run DROP first.
+        if late_seen.is_some_and(|s| head.add_epoch() != s) {
             return Ok(Take::LateAdds);
         }
         if refs.fs.seq.holds_back(key.seq) {
             return Ok(Take::HeldBack);
         }
-        if !head.is_data && v.unsigned_abs() != 1 {
+        if !head.is_data() && v.unsigned_abs() != 1 {
             return Err(Error::TreeRefMod { bytenr: head.bytenr, key: key.key, ref_mod: v.unsigned_abs() });
         }
-        // Relaxed: ordered before the ref_mod RMW below, which releases it.
-        head.run_seq.fetch_add(1, Ordering::Relaxed);
+        // Readers retry from here until the window drops (docs/protocols.md §f).
+        let window = head.open_apply_window();
         if !count::try_take(&node.count, v) {
-            head.run_seq.fetch_add(1, Ordering::Release);
+            drop(window);
             continue;
         }
-        head.ref_mod.fetch_sub(v, Ordering::AcqRel);
+        head.take_ref_mod(v);
         refs.counters.num_entries.add(-1);
-        // Cheap loads first: the swaps are RMWs (and an ArcSwap write) that
-        // most refs do not need. Acquire: pairs with the adder's Release
-        // store of the flag (add path, §3.6 step 3). A flag or op set right after these loads
-        // stays on the head for the next ref or the leftover-op step.
-        let mir = head.must_insert_reserved.load(Ordering::Acquire)
-            && head.must_insert_reserved.swap(false, Ordering::AcqRel);
-        let op = head.extent_op.take();
+        // A flag or op set right after these takes stays on the head for
+        // the next ref or the leftover-op step.
+        let mir = head.take_must_insert();
+        let op = head.take_op();
         let action = if v > 0 { Action::Add } else { Action::Drop };
-        let num_bytes = head.num_bytes.load(Ordering::Acquire);
+        let num_bytes = head.num_bytes();
         let run = RefRun {
             bytenr: head.bytenr,
             num_bytes,
-            is_data: head.is_data,
+            is_data: head.is_data(),
             key: key.key,
             level: node.level,
             action,
             ref_mod: v.unsigned_abs(),
             insert_reserved: mir,
             extent_op: op.as_ref(),
-            owning_root: head.owning_root.load(Ordering::Acquire),
+            owning_root: head.owning_root(),
         };
         let res = backend.apply_ref(&run);
         if let Err(e) = res {
@@ -173,18 +171,18 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
                 }
                 Transition::None => {}
             }
-            head.ref_mod.fetch_add(v, Ordering::AcqRel);
+            head.restore_ref_mod(v);
             if mir {
-                head.must_insert_reserved.store(true, Ordering::Release);
+                head.restore_must_insert();
             }
             if let Some(op) = op {
                 head.restore_op(op);
             }
-            head.run_seq.fetch_add(1, Ordering::Release);
+            drop(window);
             return Err(Error::Backend { bytenr: head.bytenr, source: e });
         }
-        // Release: the even value publishes the applied state to readers.
-        head.run_seq.fetch_add(1, Ordering::Release);
+        // The even value publishes the applied state to readers.
+        drop(window);
         crate::trace_ref!(run, head.bytenr, num_bytes, action, key, node.level, v.unsigned_abs());
         refs.fs.reserves.delayed_refs_rsv_release(1, 0);
         stats.refs += 1;
@@ -253,9 +251,8 @@ fn run_late_adds<S: Stores, B: ExtentTree + ?Sized>(
     seen: &mut u64,
     stats: &mut RunStats,
 ) -> Result<Visit> {
-    // Acquire: pairs with `note_late_add`'s Release bump, made after its
-    // marker was in the map.
-    let epoch = head.add_epoch.load(Ordering::Acquire);
+    // After the bump, the marker it follows is in the map (`Head::add_epoch`).
+    let epoch = head.add_epoch();
     if epoch == *seen {
         return Ok(Visit::Nothing);
     }
@@ -269,7 +266,7 @@ fn run_late_adds<S: Stores, B: ExtentTree + ?Sized>(
         // noting, so the next look comes back for it.
         count::take_all(&m.value().count);
         let key = m.key().key;
-        let v = if head.is_data {
+        let v = if head.is_data() {
             match head.node(&refs.nodes, key, guard) {
                 Some(n) => visit(refs, backend, guard, head, &n, true, None, stats)?,
                 None => Visit::Nothing,
@@ -417,7 +414,7 @@ fn visit_scanned<'g, S: Stores, B: ExtentTree + ?Sized>(
     last: &mut Option<RefKey>,
     stats: &mut RunStats,
 ) -> Result<Visit> {
-    if head.is_data {
+    if head.is_data() {
         return visit(refs, backend, guard, head, n, want_add, late_seen, stats);
     }
     let key = n.key().key.key;
@@ -507,18 +504,17 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
     let head = &Claimed { head: entry.value(), bytenr: *entry.key() };
     let mut stats = RunStats { heads: 1, ..RunStats::default() };
     'outer: loop {
-        if !head.is_data {
+        if !head.is_data() {
             merge_pass(refs, head, guard);
         }
         let mut ran = false;
-        // Acquire: pairs with `note_late_add`'s Release bump. Markers noted
-        // before this load name ADDs the add scan below finds anyway; the
+        // Markers noted before this load name ADDs the add scan below finds anyway; the
         // first look (before the drop scan's first node, or after the scan
         // if the range is empty) drains them as no-ops.
         // An epoch of 0 means no adder ever noted on this head (every note
         // is followed by a bump), so there is nothing stale to drain and the
         // first look costs one load, not a search (W2-style drains).
-        let epoch = head.add_epoch.load(Ordering::Acquire);
+        let epoch = head.add_epoch();
         let mut seen = if epoch == 0 { 0 } else { epoch.wrapping_sub(1) };
         // Add scan: every ADD whose adder left before the claim (or before
         // this pass) is in the range; later ones are marked.
@@ -552,55 +548,50 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         // An op on a head with must_insert_reserved is discarded only once the
         // head is retired (below): an adder may still be publishing the ref
         // that will insert the item with this op (§3.16.6).
-        if head.extent_op.is_some() && !head.must_insert_reserved.load(Ordering::Acquire) {
-            // Relaxed: made visible by the swap's RMW below (readers' Acquire).
-            head.run_seq.fetch_add(1, Ordering::Relaxed);
-            let op = head.extent_op.take();
-            if op.is_none() || head.must_insert_reserved.load(Ordering::Acquire) {
+        if head.has_pending_op() {
+            // The op leaves the head before it is on disk: readers retry
+            // (same seqlock window as a taken ref, §3.17).
+            let window = head.open_apply_window();
+            let op = head.take_op();
+            if op.is_none() || head.must_insert_reserved() {
                 if let Some(op) = op {
                     head.restore_op(op);
                 }
-                head.run_seq.fetch_add(1, Ordering::Release);
+                drop(window);
                 continue;
             }
             let Some(op) = op else { continue };
-            let nb = head.num_bytes.load(Ordering::Acquire);
-            // The op left the head but is not yet on disk: readers retry
-            // (same seqlock as a taken ref, §3.17).
-            let res = backend.apply_extent_op(head.bytenr, nb, head.is_data, &op);
+            let res = backend.apply_extent_op(head.bytenr, head.num_bytes(), head.is_data(), &op);
             if let Err(e) = res {
                 head.restore_op(op);
-                head.run_seq.fetch_add(1, Ordering::Release);
+                drop(window);
                 refs.unselect(head);
                 return Err(Error::Backend { bytenr: head.bytenr, source: e });
             }
-            // Release: the even value publishes the applied op.
-            head.run_seq.fetch_add(1, Ordering::Release);
+            // The even value publishes the applied op.
+            drop(window);
             stats.extent_ops += 1;
             continue;
         }
         // Step 2: close from the word read before the emptiness re-check.
-        let w0 = head.state.load();
+        let w0 = head.word();
         if adders(w0) != 0 {
             crate::sync::spin_hint();
             continue;
         }
-        if head.has_refs(&refs.nodes, guard)
-            || (head.extent_op.is_some() && !head.must_insert_reserved.load(Ordering::Acquire))
-        {
+        if head.has_refs(&refs.nodes, guard) || head.has_pending_op() {
             continue;
         }
         let Some((mir, released)) = refs.retire(entry, w0, guard) else { continue 'outer };
         // Closed: no adder can come back; a cancelled allocation's op goes.
-        head.extent_op.take();
+        head.take_op();
         if mir {
             // Step 4: the allocation was cancelled in this transaction.
-            backend.pin_reserved(head.bytenr, head.num_bytes.load(Ordering::Acquire), head.is_data);
+            backend.pin_reserved(head.bytenr, head.num_bytes(), head.is_data());
         }
         stats.bytes_released += released;
         stats.heads_deleted += 1;
-        // Relaxed: a trace field; the head is closed and its size final.
-        crate::trace_head!(run, head.bytenr, head.num_bytes.load(Ordering::Relaxed), crate::Action::Add, head.is_data);
+        crate::trace_head!(run, head.bytenr, head.num_bytes(), crate::Action::Add, head.is_data());
         return Ok((HeadOutcome::Deleted, stats));
     }
 }
