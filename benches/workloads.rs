@@ -1,6 +1,8 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
-//! criterion benches of the BRIEF §5 workloads, both implementations,
-//! 1/2/4/8/16 threads, ratios from the same run (docs/benchmarks.md):
+//! criterion benches of the BRIEF §5 workloads, every implementation
+//! (`locked`, `sharded`: the locked port sharded by bytenr, `lockfree`) in
+//! every group, 1/2/4/8/16 threads, ratios from the same run
+//! (docs/benchmarks.md):
 //!
 //! - `W1_spread`: adders on many heads (about 4 refs each) while runners run
 //!   `RunMode::Ready`; a final drain. With T threads: T/2 adders and T/2
@@ -31,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{BatchSize, Bencher, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use delayed_refs::{
     Action, DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FsConfig, GenericRef, LockFreeRefs, LockedRefs,
-    MemExtentTree, RefRun, RunMode, TransHandle,
+    MemExtentTree, RefRun, RunMode, ShardedRefs, TransHandle,
 };
 
 const ADDS_PER_THREAD: u64 = 4096;
@@ -234,6 +236,9 @@ fn late_group(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("locked", n), &n, |b, &n| {
             b.iter_batched(|| late_setup::<LockedRefs>(n), |x| late_run(x, n), BatchSize::PerIteration)
         });
+        g.bench_with_input(BenchmarkId::new("sharded", n), &n, |b, &n| {
+            b.iter_batched(|| late_setup::<ShardedRefs>(n), |x| late_run(x, n), BatchSize::PerIteration)
+        });
         g.bench_with_input(BenchmarkId::new("lockfree", n), &n, |b, &n| {
             b.iter_batched(|| late_setup::<LockFreeRefs>(n), |x| late_run(x, n), BatchSize::PerIteration)
         });
@@ -241,13 +246,29 @@ fn late_group(c: &mut Criterion) {
     g.finish();
 }
 
-fn group(c: &mut Criterion, name: &str, locked: fn(u64), lockfree: fn(u64), adds: fn(u64) -> u64) {
+/// One workload of `threads -> ()` for the three implementations, per
+/// thread count (locked, sharded, lockfree interleaved).
+struct Workload {
+    locked: fn(u64),
+    sharded: fn(u64),
+    lockfree: fn(u64),
+}
+
+/// The [`Workload`] of a generic workload function.
+macro_rules! workload {
+    ($f:ident) => {
+        Workload { locked: $f::<LockedRefs>, sharded: $f::<ShardedRefs>, lockfree: $f::<LockFreeRefs> }
+    };
+}
+
+fn group(c: &mut Criterion, name: &str, w: Workload, adds: fn(u64) -> u64) {
     let mut g = c.benchmark_group(name);
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     for t in THREADS {
         g.throughput(Throughput::Elements(adds(t)));
-        g.bench_with_input(BenchmarkId::new("locked", t), &t, |b, &t| b.iter(|| locked(t)));
-        g.bench_with_input(BenchmarkId::new("lockfree", t), &t, |b, &t| b.iter(|| lockfree(t)));
+        for (id, f) in [("locked", w.locked), ("sharded", w.sharded), ("lockfree", w.lockfree)] {
+            g.bench_with_input(BenchmarkId::new(id, t), &t, |b, &t| b.iter(|| f(t)));
+        }
     }
     g.finish();
 }
@@ -277,6 +298,9 @@ fn drain_group(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("locked", t), &t, |b, _| {
             bench_drain(b, prefilled::<LockedRefs>, |r, tree| r.commit_drain(tree, &pool).map(drop))
         });
+        g.bench_with_input(BenchmarkId::new("sharded", t), &t, |b, _| {
+            bench_drain(b, prefilled::<ShardedRefs>, |r, tree| r.commit_drain(tree, &pool).map(drop))
+        });
         g.bench_with_input(BenchmarkId::new("lockfree", t), &t, |b, _| {
             bench_drain(b, prefilled::<LockFreeRefs>, |r, tree| r.commit_drain(tree, &pool).map(drop))
         });
@@ -293,6 +317,9 @@ fn tree_drain_group(c: &mut Criterion) {
     g.bench_function("locked", |b| {
         bench_drain(b, prefilled_tree::<LockedRefs>, |r, t| r.run(t, RunMode::All).map(drop))
     });
+    g.bench_function("sharded", |b| {
+        bench_drain(b, prefilled_tree::<ShardedRefs>, |r, t| r.run(t, RunMode::All).map(drop))
+    });
     g.bench_function("lockfree", |b| {
         bench_drain(b, prefilled_tree::<LockFreeRefs>, |r, t| r.run(t, RunMode::All).map(drop))
     });
@@ -305,6 +332,7 @@ fn scaling_group(c: &mut Criterion) {
     for n in [1_000u64, 10_000, 100_000] {
         g.throughput(Throughput::Elements(n));
         g.bench_with_input(BenchmarkId::new("locked", n), &n, |b, &n| b.iter(|| wide_n::<LockedRefs>(n)));
+        g.bench_with_input(BenchmarkId::new("sharded", n), &n, |b, &n| b.iter(|| wide_n::<ShardedRefs>(n)));
         g.bench_with_input(BenchmarkId::new("lockfree", n), &n, |b, &n| b.iter(|| wide_n::<LockFreeRefs>(n)));
     }
     g.finish();
@@ -312,12 +340,12 @@ fn scaling_group(c: &mut Criterion) {
 
 fn bench(c: &mut Criterion) {
     let every = |t: u64| t * ADDS_PER_THREAD;
-    group(c, "W1_spread", w1::<LockedRefs>, w1::<LockFreeRefs>, |t| (t / 2).max(1) * ADDS_PER_THREAD);
+    group(c, "W1_spread", workload!(w1), |t| (t / 2).max(1) * ADDS_PER_THREAD);
     drain_group(c);
     tree_drain_group(c);
-    group(c, "W3_hot_head", hot::<LockedRefs>, hot::<LockFreeRefs>, every);
-    group(c, "W4_add_only", add_only::<LockedRefs>, add_only::<LockFreeRefs>, every);
-    group(c, "wide_head", wide::<LockedRefs>, wide::<LockFreeRefs>, every);
+    group(c, "W3_hot_head", workload!(hot), every);
+    group(c, "W4_add_only", workload!(add_only), every);
+    group(c, "wide_head", workload!(wide), every);
     scaling_group(c);
     late_group(c);
 }

@@ -7,13 +7,17 @@
 //! extent-tree backend with adds before drops, tree-mod-log hold-back, extent
 //! ops, must_insert_reserved, qgroup records and the delayed-refs reserve.
 //!
-//! Two implementations share the domain model and the [`DelayedRefs`] trait:
+//! Three implementations share the domain model and the [`DelayedRefs`] trait:
 //!
 //! - [`LockFreeRefs`]: heads in a lock-free skiplist reclaimed by an owned
 //!   epoch collector, per-key atomic ref counts, CAS-loop reserves;
 //! - [`LockedRefs`]: a faithful port of the kernel's locking (root lock,
 //!   head lock, head run token). It is the oracle for differential tests and
-//!   the baseline every benchmark reports a ratio against.
+//!   the baseline every benchmark reports a ratio against;
+//! - [`ShardedRefs`]: the locked port sharded by bytenr (16 port roots over
+//!   one shared fs state by default, runs rotating over them): what a user
+//!   would build instead of a lock-free structure, and the second baseline
+//!   the benchmarks report a ratio against.
 //!
 //! Spec section numbers (`§3.6`) refer to `kernel-semantics.md`, which ships
 //! beside the project; docs/architecture.md maps modules to them.
@@ -44,6 +48,7 @@ pub mod lincheck;
 pub mod locked;
 pub mod lockfree;
 pub mod rsv;
+pub mod sharded;
 pub mod trace;
 
 #[cfg(all(test, dref_loom))]
@@ -70,7 +75,7 @@ pub use domain::kind::{
     Action, BLOCK_FLAG_FULL_BACKREF, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, RefType, is_fstree, roots,
 };
 pub use domain::qgroup::QgroupRecord;
-pub use domain::seq::{SeqBlocker, SeqTracker};
+pub use domain::seq::{SeqBlocker, SeqError, SeqTracker};
 pub use error::{Error, ExtentError, Result};
 pub use extent_tree::{ExtentInfo, ExtentItem, ExtentTree, MemExtentTree, RefRun};
 pub use locked::LockedRefs;
@@ -80,3 +85,4 @@ pub use rsv::cell::{AtomicCell, LockedCell, PairCell};
 pub use rsv::handle::TransHandle;
 pub use rsv::reserves::{BlockRsv, FsReserves, ReleaseRouting, ReserveConfig, ReservesSnapshot, RsvType, SpaceInfo};
 pub use rsv::state::{FlushMode, RsvState, SpaceState};
+pub use sharded::ShardedRefs;

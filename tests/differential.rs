@@ -1,5 +1,6 @@
 //! Differential test: the faithful locked port (`LockedRefs`) is the oracle
-//! for the lock-free implementation (`LockFreeRefs`).
+//! for the lock-free implementation (`LockFreeRefs`) and for the sharded
+//! port (`ShardedRefs`).
 //!
 //! Proptest generates random single-threaded operation sequences; every
 //! operation is applied to both implementations side by side, each with its
@@ -51,6 +52,23 @@
 //! trees must be equal to each other and to the model, every counter zero
 //! (invariant 26), and every reserved byte back in the space info.
 //!
+//! The sharded port is compared the same way, in two modes (`Mode`): with
+//! one shard it must equal the port call by call, every outcome and every
+//! view after every step, hold-backs included (`sharded_one_shard_*`); with
+//! 16 shards (`sharded_many_shards_*`) runs select heads in another order,
+//! so only what does not depend on which head a run selects is compared:
+//! every call while both sides hold the same heads and extents (`run_one`
+//! and `run(Bytes)` only for success and, from the same state, whether a
+//! head was found), and at every step the model (invariants 12, 18), the
+//! qgroup records, each side's counters and `find_head` against its own
+//! snapshot (invariants 1-4, 20), and in the end the extent trees. Once
+//! the two sides held different state, the reserves are no longer compared
+//! for the case, and the final trees only up to the items' flags and key:
+//! an extent op queued on a cancelled allocation is applied if the block is
+//! allocated again before the cancelled head runs, and discarded if the
+//! head runs first (§3.16.7 step 1, §5.11a), and which comes first is a
+//! matter of selection order.
+//!
 //! Cases: 2048 per proptest by default (`DREF_DIFF_CASES`), from a fixed seed
 //! (`DREF_DIFF_SEED`); a failure prints the seed and the shrunk sequence.
 //! `differential_realloc_at_another_level` is a fixed case for one
@@ -60,12 +78,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use delayed_refs::{
     Action, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, DiskKey, Error, ExtentInfo, ExtentItem,
-    ExtentOp, FlushMode, FsConfig, GenericRef, HeadOutcome, HeadSnapshot, LockFreeRefs, LockedRefs, MemExtentTree,
-    QgroupRecord, RefKey, ReleaseRouting, ReserveConfig, ReservesSnapshot, RsvState, RunMode, RunStats, TransHandle,
-    roots,
+    ExtentOp, FlushMode, FsConfig, FsShared, GenericRef, HeadOutcome, HeadSnapshot, LockFreeRefs, LockedRefs,
+    MemExtentTree, QgroupRecord, RefKey, ReleaseRouting, ReserveConfig, ReservesSnapshot, RsvState, RunMode, RunStats,
+    ShardedRefs, TransHandle, roots,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
@@ -215,8 +234,7 @@ struct Side<D: DelayedRefs> {
 }
 
 impl<D: DelayedRefs> Side<D> {
-    fn new(config: FsConfig) -> Self {
-        let refs = D::new(config);
+    fn new(refs: D) -> Self {
         let may_use0 = refs.fs().reserves.snapshot().space.may_use;
         let h = Some(refs.fs().reserves.start_transaction(4, FlushMode::FlushAll).unwrap());
         Side { refs, tree: MemExtentTree::new(), h, may_use0 }
@@ -324,7 +342,7 @@ macro_rules! same {
     ($a:expr, $b:expr, $($ctx:tt)+) => {{
         let (a, b) = (&$a, &$b);
         if a != b {
-            return Err(fail(format!("{}\n  locked:   {:?}\n  lockfree: {:?}", format!($($ctx)+), a, b)));
+            return Err(fail(format!("{}\n  locked: {:?}\n  other:  {:?}", format!($($ctx)+), a, b)));
         }
     }};
 }
@@ -387,12 +405,36 @@ fn bad_step(k: usize, e: usize, m: &[Ext], heads: &BTreeSet<u64>) -> Option<(Ste
     })
 }
 
+/// What the other side must agree with the locked port on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The lock-free root: everything, until a run holds a head back (it
+    /// runs a held head's ADDs in key order, the port in FIFO order); then
+    /// the run-independent view until both indexes are empty again.
+    LockFree,
+    /// The sharded port with one shard: every call and every view, always
+    /// (it is the port's own code on one root).
+    Exact,
+    /// The sharded port with many shards: runs select heads in another
+    /// order (round robin over shards, then inside each), so `run_one` and
+    /// `run(Bytes)` may run other heads than the port. Everything that does
+    /// not depend on which head a run selects must agree: every other call
+    /// while the sides hold the same state, and at every step the model
+    /// (disk plus queued per backref, the reader's count), the qgroup
+    /// records, each side's counters against its own snapshot, and in the
+    /// end the extent trees.
+    OrderFree,
+}
+
 /// The state of one case.
-struct Case {
+struct Case<F: DelayedRefs> {
     l: Side<LockedRefs>,
-    f: Side<LockFreeRefs>,
+    f: Side<F>,
+    mode: Mode,
     m: Vec<Ext>,
-    /// A run held a head back: the sides may have run different refs of it.
+    /// The sides may hold different state: in `LockFree` mode a run held a
+    /// head back, so the sides may have run different refs of it; in
+    /// `OrderFree` mode their snapshots or extent trees differ.
     diverged: bool,
     /// The sides ran different refs at some point (a consequence of
     /// `diverged`): the reserves (node counts differed), the number of
@@ -402,8 +444,8 @@ struct Case {
     rsv_diverged: bool,
 }
 
-impl Case {
-    fn new(config: FsConfig) -> Self {
+impl<F: DelayedRefs> Case<F> {
+    fn new(config: FsConfig, other: F, mode: Mode) -> Self {
         let mut m: Vec<Ext> = (0..TREE_EXTS)
             .map(|i| Ext {
                 bytenr: tree_bytenr(i),
@@ -420,7 +462,8 @@ impl Case {
             level: 0,
             counts: BTreeMap::new(),
         }));
-        Case { l: Side::new(config), f: Side::new(config), m, diverged: false, rsv_diverged: false }
+        let l = Side::new(LockedRefs::new(config));
+        Case { l, f: Side::new(other), mode, m, diverged: false, rsv_diverged: false }
     }
 
     /// Whether extent `i` may start with `AddExtent`: no refs, no item anywhere.
@@ -429,8 +472,10 @@ impl Case {
         self.m[i].total() == 0 && self.l.tree.item(b).is_none() && self.f.tree.item(b).is_none()
     }
 
+    /// The bytenrs with a head on both sides.
     fn heads(&self) -> BTreeSet<u64> {
-        self.l.refs.snapshot().iter().map(|h| h.bytenr).collect()
+        let other: BTreeSet<u64> = self.f.refs.snapshot().iter().map(|h| h.bytenr).collect();
+        self.l.refs.snapshot().iter().map(|h| h.bytenr).filter(|b| other.contains(b)).collect()
     }
 
     /// Turn a generated op into a concrete call (and update the model), or
@@ -489,8 +534,9 @@ impl Case {
             Op::RunReady => Step::Run(RunMode::Ready),
             Op::RunBytes(n) => {
                 // While diverged the byte goal is reached after a different
-                // number of heads on each side: skip.
-                if blockers || self.diverged {
+                // number of heads on each side: skip (in `OrderFree` mode
+                // its outcome is compared loosely anyway).
+                if blockers || (self.diverged && self.mode != Mode::OrderFree) {
                     return None;
                 }
                 let c = self.l.refs.fs().reserves.geometry().delayed_ref_bytes(1);
@@ -529,6 +575,11 @@ impl Case {
         fo: &Outcome,
         was_diverged: bool,
     ) -> Result<(), TestCaseError> {
+        // Which head these select depends on the selection order.
+        let selects = matches!(step, Step::RunOne | Step::Run(RunMode::Bytes(_)));
+        if self.mode == Mode::OrderFree && (was_diverged || selects) {
+            return Self::compare_order_free(step, lo, fo, was_diverged);
+        }
         if !was_diverged {
             same!(lo, fo, "outcome of {step:?}");
             return Ok(());
@@ -555,6 +606,54 @@ impl Case {
                 same!(key(a), key(b), "run of {step:?} (heads, held back, deleted)");
             }
             _ => same!(lo, fo, "outcome of {step:?}"),
+        }
+        Ok(())
+    }
+
+    /// `OrderFree` mode: the outcomes of a call that selects heads, or of
+    /// any call while the sides hold different state. Only the success of
+    /// the call, the qgroup record an add inserted (records are per bytenr
+    /// and never run) and, from the same state, whether `run_one` found an
+    /// unprocessed head must agree.
+    fn compare_order_free(step: &Step, lo: &Outcome, fo: &Outcome, was_diverged: bool) -> Result<(), TestCaseError> {
+        match (lo, fo) {
+            (Outcome::Add(a), Outcome::Add(b)) => {
+                same!(a.is_ok(), b.is_ok(), "add result of {step:?}");
+                if let (Ok(a), Ok(b)) = (a, b) {
+                    same!(a.qgroup_record_inserted, b.qgroup_record_inserted, "qgroup record of {step:?}");
+                } else {
+                    same!(a, b, "add error of {step:?}");
+                }
+            }
+            (Outcome::Unit(a), Outcome::Unit(b)) => same!(a, b, "result of {step:?}"),
+            (Outcome::RunOne(a), Outcome::RunOne(b)) => {
+                same!(a.is_ok(), b.is_ok(), "run_one of {step:?} succeeded");
+                if !was_diverged {
+                    let found = |r: &Result<Option<_>, Error>| r.as_ref().map(|o| o.is_some()).ok();
+                    same!(found(a), found(b), "run_one of {step:?} found a head");
+                }
+            }
+            (Outcome::Run(a), Outcome::Run(b)) => same!(a.is_ok(), b.is_ok(), "run of {step:?} succeeded"),
+            _ => same!(lo, fo, "outcome of {step:?}"),
+        }
+        Ok(())
+    }
+
+    /// One side's merged views against its own snapshot: invariants 1-4 and
+    /// 20, and `find_head` of every extent equal to its snapshot entry.
+    fn self_check(&self, name: &str, v: &View) -> Result<(), TestCaseError> {
+        let c = &v.counters;
+        ensure!(c.num_heads == v.snap.len() as u64, "{name}: invariant 1: {c:?}, {} heads", v.snap.len());
+        let ready = v.snap.iter().filter(|h| !h.processing).count() as u64;
+        ensure!(c.num_heads_ready == ready, "{name}: invariant 2: {c:?}, {ready} ready");
+        let nodes: u64 = v.snap.iter().map(|h| h.nodes.len() as u64).sum();
+        ensure!(c.num_entries == v.snap.len() as u64 + nodes, "{name}: invariant 3: {c:?}, {nodes} nodes");
+        ensure!(v.snap.windows(2).all(|w| w[0].bytenr < w[1].bytenr), "{name}: invariant 4: snapshot order");
+        let csums: u64 = v.snap.iter().filter(|h| h.is_data && h.total_ref_mod < 0).map(|h| h.num_bytes).sum();
+        ensure!(c.pending_csums == csums, "{name}: invariant 20: {c:?}, {csums} csum bytes");
+        for (e, found) in self.m.iter().zip(&v.finds) {
+            let in_snap = v.snap.iter().find(|h| h.bytenr == e.bytenr);
+            ensure!(found.as_ref() == in_snap, "{name}: find_head({:#x}) disagrees with the snapshot", e.bytenr);
         }
         Ok(())
     }
@@ -593,7 +692,9 @@ impl Case {
     /// Compare the two sides' views.
     fn compare_views(&self, lv: &View, fv: &View) -> Result<(), TestCaseError> {
         self.check_model("locked", lv)?;
-        self.check_model("lockfree", fv)?;
+        self.check_model(F::NAME, fv)?;
+        self.self_check("locked", lv)?;
+        self.self_check(F::NAME, fv)?;
         same!(lv.qgroups, fv.qgroups, "qgroup records (§3.21)");
         if !self.rsv_diverged {
             same!(lv.reserves, fv.reserves, "reserves (§3.20)");
@@ -612,6 +713,13 @@ impl Case {
             }
             same!(lv.lookups, fv.lookups, "lookup_extent_info (§3.17)");
             same!(lv.finds, fv.finds, "find_head (§3.12)");
+            return Ok(());
+        }
+        if self.mode == Mode::OrderFree {
+            // Other heads ran on each side: the head sets, the counters and
+            // the reader's flags differ legitimately, and so may the flags of an extent (see
+            // the final check in `run_case_with`). The model and self checks
+            // above hold: both readers return the model's count.
             return Ok(());
         }
         let c = |c: &Counters| (c.num_heads, c.num_heads_ready, c.pending_csums);
@@ -645,8 +753,27 @@ fn held_back(o: &Outcome) -> bool {
     }
 }
 
-fn run_case(config: FsConfig, ops: &[Op]) -> Result<(), TestCaseError> {
-    let mut c = Case::new(config);
+/// The implementation compared with the locked port, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Other {
+    /// `LockFreeRefs` (mode `LockFree`).
+    LockFree,
+    /// `ShardedRefs` with this many shards (mode `Exact` for 1, else `OrderFree`).
+    Sharded(usize),
+}
+
+fn run_case(config: FsConfig, ops: &[Op], other: Other) -> Result<(), TestCaseError> {
+    match other {
+        Other::LockFree => run_case_with(Case::new(config, LockFreeRefs::new(config), Mode::LockFree), ops),
+        Other::Sharded(n) => {
+            let refs = ShardedRefs::with_shards(Arc::new(FsShared::new(config)), n);
+            let mode = if n == 1 { Mode::Exact } else { Mode::OrderFree };
+            run_case_with(Case::new(config, refs, mode), ops)
+        }
+    }
+}
+
+fn run_case_with<F: DelayedRefs>(mut c: Case<F>, ops: &[Op]) -> Result<(), TestCaseError> {
     // Blockers of both sides, registered and dropped in lockstep.
     let (lseq, fseq) = (c.l.refs.fs().clone(), c.f.refs.fs().clone());
     let mut blockers = Vec::new();
@@ -679,14 +806,14 @@ fn run_case(config: FsConfig, ops: &[Op]) -> Result<(), TestCaseError> {
                 same!(err(&lo), err(&fo), "step {i}: error of bad call {step:?}");
                 ensure!(err(&lo) == Some(want.clone()), "step {i}: {step:?} returned {lo:?}, want {want:?}");
                 same!(lb, c.l.view(&c.m), "step {i}: locked changed by a failed call {step:?}");
-                same!(fb, c.f.view(&c.m), "step {i}: lockfree changed by a failed call {step:?}");
+                same!(fb, c.f.view(&c.m), "step {i}: {} changed by a failed call {step:?}", F::NAME);
             }
             _ => {
                 let blocked = !blockers.is_empty();
                 let Some(step) = c.plan(op, blocked) else { continue };
                 let (lo, fo) = (c.l.exec(&step), c.f.exec(&step));
                 let was_diverged = c.diverged;
-                if held_back(&lo) || held_back(&fo) {
+                if c.mode == Mode::LockFree && (held_back(&lo) || held_back(&fo)) {
                     c.diverged = true;
                 }
                 c.compare_outcome(&step, &lo, &fo, was_diverged || c.diverged).map_err(ctx)?;
@@ -702,7 +829,14 @@ fn run_case(config: FsConfig, ops: &[Op]) -> Result<(), TestCaseError> {
             c.rsv_diverged = true;
         }
         let (lv, fv) = (c.l.view(&c.m), c.f.view(&c.m));
-        if c.diverged && lv.snap.is_empty() && fv.snap.is_empty() {
+        if c.mode == Mode::OrderFree {
+            // In step exactly while both hold the same heads and extents
+            // (the reserves stay out of the comparison once they were not).
+            c.diverged = lv.snap != fv.snap || lv.items != fv.items;
+            if c.diverged {
+                c.rsv_diverged = true;
+            }
+        } else if c.diverged && lv.snap.is_empty() && fv.snap.is_empty() {
             // Both indexes are empty: the sides are in step again (except
             // the reserves, whose node counts differed meanwhile).
             c.diverged = false;
@@ -717,10 +851,25 @@ fn run_case(config: FsConfig, ops: &[Op]) -> Result<(), TestCaseError> {
     c.compare_outcome(&Step::Run(RunMode::All), &lo, &fo, was_diverged)
         .map_err(|e| fail(format!("final run(All): {e}")))?;
     ensure!(matches!(lo, Outcome::Run(Ok(_))), "final run(All) failed: {lo:?}");
-    c.diverged = false;
     let (lv, fv) = (c.l.view(&c.m), c.f.view(&c.m));
+    // `OrderFree`, once the sides were apart: an extent op queued on an
+    // allocation that was then cancelled is applied if the block is
+    // allocated again before the cancelled head runs, and discarded if the
+    // head runs first (§3.16.7 step 1, §5.11a). Which came first depends on
+    // the selection order, so the items' flags and key may differ; the rest
+    // of every item must not.
+    c.diverged = c.mode == Mode::OrderFree && c.rsv_diverged && lv.items != fv.items;
     c.compare_views(&lv, &fv).map_err(|e| fail(format!("after the final run(All): {e}")))?;
-    for (name, v) in [("locked", &lv), ("lockfree", &fv)] {
+    if c.diverged {
+        let shape = |items: &BTreeMap<u64, ExtentItem>| {
+            items
+                .iter()
+                .map(|(b, it)| (*b, it.num_bytes, it.is_data, it.refs, it.level, it.backrefs.clone()))
+                .collect::<Vec<_>>()
+        };
+        same!(shape(&lv.items), shape(&fv.items), "after the final run(All): extent trees but flags and key");
+    }
+    for (name, v) in [("locked", &lv), (F::NAME, &fv)] {
         ensure!(v.snap.is_empty(), "{name}: invariant 26: index not empty");
         ensure!(v.counters == Counters::default(), "{name}: invariant 26: counters {:?}", v.counters);
         ensure!(v.reserves.delayed_refs.size == 0, "{name}: invariant 26: delayed refs rsv {:?}", v.reserves);
@@ -733,9 +882,14 @@ fn run_case(config: FsConfig, ops: &[Op]) -> Result<(), TestCaseError> {
     let lr = &c.l.refs.fs().reserves;
     lr.end_transaction(c.l.h.take().unwrap()).map_err(|e| fail(format!("locked end_transaction: {e}")))?;
     let fr = &c.f.refs.fs().reserves;
-    fr.end_transaction(c.f.h.take().unwrap()).map_err(|e| fail(format!("lockfree end_transaction: {e}")))?;
+    fr.end_transaction(c.f.h.take().unwrap()).map_err(|e| fail(format!("{} end_transaction: {e}", F::NAME)))?;
     ensure!(lr.snapshot().space.may_use == c.l.may_use0, "locked: reserved bytes not returned: {:?}", lr.snapshot());
-    ensure!(fr.snapshot().space.may_use == c.f.may_use0, "lockfree: reserved bytes not returned: {:?}", fr.snapshot());
+    ensure!(
+        fr.snapshot().space.may_use == c.f.may_use0,
+        "{}: reserved bytes not returned: {:?}",
+        F::NAME,
+        fr.snapshot()
+    );
     if !c.rsv_diverged {
         same!(lr.snapshot(), fr.snapshot(), "reserves after end_transaction");
     }
@@ -752,7 +906,7 @@ fn config_strategy() -> impl Strategy<Value = FsConfig> {
     })
 }
 
-fn run_differential(with_blockers: bool, seed_salt: u8) {
+fn run_differential(with_blockers: bool, seed_salt: u8, other: Other) {
     let cases = std::env::var("DREF_DIFF_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2048);
     let seed: u64 = std::env::var("DREF_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0xd1ff);
     let mut bytes = [0u8; 32];
@@ -761,13 +915,13 @@ fn run_differential(with_blockers: bool, seed_salt: u8) {
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
     let mut runner = TestRunner::new_with_rng(Config { cases, failure_persistence: None, ..Config::default() }, rng);
     let strategy = (config_strategy(), prop::collection::vec(op_strategy(with_blockers), 1..120));
-    let res = runner.run(&strategy, |(config, ops)| run_case(config, &ops));
+    let res = runner.run(&strategy, |(config, ops)| run_case(config, &ops, other));
     match res {
         Ok(()) => {}
-        Err(TestError::Fail(reason, (config, ops))) => {
-            panic!("differential failure (DREF_DIFF_SEED={seed}): {reason}\nminimal case: {config:?}\n{ops:#?}")
-        }
-        Err(e) => panic!("differential test aborted (DREF_DIFF_SEED={seed}): {e}"),
+        Err(TestError::Fail(reason, (config, ops))) => panic!(
+            "differential failure against {other:?} (DREF_DIFF_SEED={seed}): {reason}\nminimal case: {config:?}\n{ops:#?}"
+        ),
+        Err(e) => panic!("differential test against {other:?} aborted (DREF_DIFF_SEED={seed}): {e}"),
     }
 }
 
@@ -775,7 +929,7 @@ fn run_differential(with_blockers: bool, seed_salt: u8) {
 /// every single step, including the exact figures of every run.
 #[test]
 fn differential_without_blockers() {
-    run_differential(false, 1);
+    run_differential(false, 1, Other::LockFree);
 }
 
 /// With tree-mod-log blockers (§3.11, §3.22): exact agreement until a head
@@ -783,7 +937,38 @@ fn differential_without_blockers() {
 /// are empty again.
 #[test]
 fn differential_with_blockers() {
-    run_differential(true, 2);
+    run_differential(true, 2, Other::LockFree);
+}
+
+/// Shards of the many-shard differential: more than the 6 extents, so some
+/// shards stay empty and some may hold two extents.
+const MANY_SHARDS: usize = 16;
+
+/// `ShardedRefs` with one shard is the port, call by call: every outcome
+/// and every view after every step, hold-backs included.
+#[test]
+fn sharded_one_shard_without_blockers() {
+    run_differential(false, 3, Other::Sharded(1));
+}
+
+/// The same with tree-mod-log blockers (held-back heads run the same refs:
+/// one shard runs the port's own head code).
+#[test]
+fn sharded_one_shard_with_blockers() {
+    run_differential(true, 4, Other::Sharded(1));
+}
+
+/// `ShardedRefs` with many shards: everything that does not depend on
+/// which head a run selects (see `Mode::OrderFree`).
+#[test]
+fn sharded_many_shards_without_blockers() {
+    run_differential(false, 5, Other::Sharded(MANY_SHARDS));
+}
+
+/// The same with tree-mod-log blockers.
+#[test]
+fn sharded_many_shards_with_blockers() {
+    run_differential(true, 6, Other::Sharded(MANY_SHARDS));
 }
 
 /// A fixed sequence covering a cancelled allocation, a re-allocation of it
@@ -819,8 +1004,10 @@ fn differential_fixed_sequence() {
         Tree { ext: 2, key: 3, op: None },
     ];
     let config = FsConfig { qgroups: true, ..FsConfig::default() };
-    if let Err(e) = run_case(config, &ops) {
-        panic!("{e}");
+    for other in [Other::LockFree, Other::Sharded(1), Other::Sharded(MANY_SHARDS)] {
+        if let Err(e) = run_case(config, &ops, other) {
+            panic!("against {other:?}: {e}");
+        }
     }
 }
 

@@ -539,3 +539,16 @@ mod lockfree {
         super::stress_drain_10m::<::delayed_refs::LockFreeRefs>();
     }
 }
+
+mod sharded {
+    #[test]
+    fn stress_drain() {
+        super::stress_drain::<::delayed_refs::ShardedRefs>();
+    }
+
+    #[test]
+    #[ignore = "10M operations: about 20 s on 2 cores"]
+    fn stress_drain_10m() {
+        super::stress_drain_10m::<::delayed_refs::ShardedRefs>();
+    }
+}

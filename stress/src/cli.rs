@@ -45,6 +45,11 @@ pub enum ImplChoice {
     Locked,
     /// Both, interleaved in short rounds (locked, lockfree, locked, ...).
     Both,
+    /// The locked port sharded by bytenr (`ShardedRefs`, 16 shards).
+    Sharded,
+    /// All three, interleaved in short rounds (locked, sharded, lockfree,
+    /// locked, ...); lock-free's ratio is reported against both baselines.
+    All,
 }
 
 impl ImplChoice {
@@ -54,6 +59,8 @@ impl ImplChoice {
             ImplChoice::Lockfree => &["lockfree"],
             ImplChoice::Locked => &["locked"],
             ImplChoice::Both => &["locked", "lockfree"],
+            ImplChoice::Sharded => &["sharded"],
+            ImplChoice::All => &["locked", "sharded", "lockfree"],
         }
     }
 
@@ -63,6 +70,8 @@ impl ImplChoice {
             ImplChoice::Lockfree => "lockfree",
             ImplChoice::Locked => "locked",
             ImplChoice::Both => "both",
+            ImplChoice::Sharded => "sharded",
+            ImplChoice::All => "all",
         }
     }
 }
@@ -168,8 +177,9 @@ const MEM_LONG_ABOUT: &str = concat!(
     "bytes_per_head: growth of live bytes while --heads new heads are created with exactly one ref each, \
      divided by --heads, minus bytes_per_ref.\n\n",
     "baseline_restored: live bytes and blocks after run(RunMode::All) into a fresh extent tree, reclaim() and \
-     the drop of that tree equal those read right after the root was created and warmed up (one add, \
-     run(All), reclaim() cycle).\n\n",
+     the drop of that tree equal those read right after the root was created and warmed up (an add, \
+     run(All), reclaim() cycle on 64 extents per kind, so that every shard of a sharded root has been used, \
+     then one more on one extent per kind).\n\n",
     "settled_restored: the same with one more reclaim() on each side (the baseline read after a second \
      reclaim(), the end read after a second reclaim()). Reported beside; the exit code follows \
      baseline_restored.\n\n",
@@ -210,4 +220,8 @@ pub struct ReplayCliArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Node size in bytes (4096 to 65536, a power of two) [default: the recording's: raw/mkfs.txt.gz
+    /// "Node size", else the tree ref events' num_bytes]. Every tree ref event must agree with it.
+    #[arg(long)]
+    pub nodesize: Option<u64>,
 }

@@ -19,6 +19,7 @@ pub fn with_impl<V: ImplVisitor>(name: &str, visitor: V) -> Option<V::Output> {
     match name {
         "locked" => Some(visitor.visit::<delayed_refs::LockedRefs>()),
         "lockfree" => Some(visitor.visit::<delayed_refs::LockFreeRefs>()),
+        "sharded" => Some(visitor.visit::<delayed_refs::ShardedRefs>()),
         _ => None,
     }
 }

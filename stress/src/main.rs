@@ -3,11 +3,13 @@
 //! implementations.
 //!
 //! ```text
-//! delayed-refs-stress stress [--impl lockfree|locked|both] [--workload spread|drain|hot|add-only|wide|mixed]
+//! delayed-refs-stress stress [--impl lockfree|locked|sharded|both|all]
+//!                            [--workload spread|drain|hot|add-only|wide|mixed]
 //!                            [--threads N] [--runners M] [--readers R] [--seconds S] [--heads K] [--seed X]
-//!                            [--json]
-//! delayed-refs-stress replay <run-dir> [--impl lockfree|locked|both] [--threads N] [--runners M] [--json]
-//! delayed-refs-stress mem [--impl lockfree|locked|both] [--refs R] [--heads H] [--json]
+//!                            [--rounds N] [--json]
+//! delayed-refs-stress replay <run-dir> [--impl lockfree|locked|sharded|both|all] [--threads N] [--runners M]
+//!                            [--nodesize BYTES] [--json]
+//! delayed-refs-stress mem [--impl lockfree|locked|sharded|both|all] [--refs R] [--heads H] [--json]
 //! ```
 //!
 //! Exit codes: 0 all checks passed, 1 a violation, 2 a usage error or an
@@ -46,6 +48,7 @@ fn main() {
             threads: a.threads,
             runners: a.runners,
             json: a.json,
+            nodesize: a.nodesize,
         }),
     };
     std::process::exit(code);

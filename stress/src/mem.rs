@@ -39,8 +39,8 @@ bytes_per_ref: growth of live bytes while R refs with new keys are added to R/4 
 (4 keys per head), divided by R.
 bytes_per_head: growth of live bytes while H new heads are created with exactly one ref each, divided by H, \
 minus bytes_per_ref.
-baseline_restored: the root is created, warmed up by one add, run(All) and reclaim() cycle, and its live bytes are \
-read (the baseline); after all measured refs are queued, run(RunMode::All) into a fresh extent tree, reclaim(), \
+baseline_restored: the root is created, warmed up by an add, run(All) and reclaim() cycle on 64 extents per \
+kind (so that every shard of a sharded root has been used) and one more on one extent per kind, and its live bytes are read (the baseline); after all measured refs are queued, run(RunMode::All) into a fresh extent tree, reclaim(), \
 and the drop of that tree, live bytes and live blocks equal the baseline, allowing only the epoch collector's fixed bookkeeping: at most one block of at most 4 KiB (crossbeam-epoch keeps its garbage queue's previous sentinel, one 2072-byte bag block, until the next collection; it does not grow with the work, the residue columns show it exactly).
 settled_restored: the same with one more reclaim() on each side: the baseline read after a second reclaim(), \
 the end read after a second reclaim().
@@ -300,14 +300,28 @@ fn figures(m: &Readings, t: &Tables) -> KindFigures {
     }
 }
 
-/// One add, `run(All)` and `reclaim()` cycle per kind on a throwaway tree.
+/// Extents each kind's warm-up queues: enough that every shard of a sharded
+/// root (`ShardedRefs`, 16 shards) gets one of the 2 x 64, so each makes its first-use
+/// allocation (the empty leaf its ordered map keeps, as the locked port's
+/// one map does) before the baseline is read (checked by
+/// `warm_up_reaches_every_shard`).
+const WARM_EXTENTS: u64 = 64;
+
+/// Add, `run(All)` and `reclaim()` on a throwaway tree, twice: one add per
+/// extent on [`WARM_EXTENTS`] extents per kind, then one add per kind (so
+/// the epoch collector's queue ends as after a one-add cycle, whatever the
+/// first cycle retired).
 fn warm_up<D: DelayedRefs>(refs: &D, trans: &mut TransHandle) -> Result<(), String> {
-    let tree = MemExtentTree::new();
-    for kind in [Kind::Data, Kind::Tree] {
-        add(refs, trans, kind, bytenr_of(5, kind as u64), 0)?;
+    for extents in [WARM_EXTENTS, 1] {
+        let tree = MemExtentTree::new();
+        for kind in [Kind::Data, Kind::Tree] {
+            for i in 0..extents {
+                add(refs, trans, kind, bytenr_of(5, 2 * i + kind as u64), 0)?;
+            }
+        }
+        refs.run(&tree, RunMode::All).map_err(|e| format!("warm-up run: {e}"))?;
+        refs.reclaim();
     }
-    refs.run(&tree, RunMode::All).map_err(|e| format!("warm-up run: {e}"))?;
-    refs.reclaim();
     Ok(())
 }
 
@@ -543,4 +557,24 @@ pub fn run(args: &MemArgs) -> i32 {
         print!("{}", table(&results));
     }
     if failed || results.iter().any(|r| !r.baseline_restored) { EXIT_FAIL } else { 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use delayed_refs::ShardedRefs;
+
+    /// Data and tree heads share a shard's head map: together the warm-up's
+    /// extents must reach every shard.
+    #[test]
+    fn warm_up_reaches_every_shard() {
+        let refs = ShardedRefs::new(FsConfig::default());
+        let mut hit = vec![false; refs.shard_count()];
+        for kind in [Kind::Data, Kind::Tree] {
+            for i in 0..WARM_EXTENTS {
+                hit[refs.shard_of(bytenr_of(5, 2 * i + kind as u64))] = true;
+            }
+        }
+        assert!(hit.iter().all(|&h| h), "{hit:?}");
+    }
 }

@@ -241,16 +241,63 @@ impl Summary {
     }
 }
 
-/// Median over rounds of lock-free throughput over locked throughput.
-pub fn ratio(locked: &ImplRun, lockfree: &ImplRun) -> Option<f64> {
-    let ratios: Vec<f64> = locked
+/// Per round, lock-free throughput over a baseline's (`locked` or
+/// `sharded`) in the same round; rounds where the baseline did nothing are
+/// left out.
+pub fn round_ratios(baseline: &ImplRun, lockfree: &ImplRun) -> Vec<f64> {
+    baseline
         .rounds
         .iter()
         .zip(&lockfree.rounds)
         .filter(|(a, _)| a.ops_per_sec > 0.0)
         .map(|(a, b)| b.ops_per_sec / a.ops_per_sec)
-        .collect();
+        .collect()
+}
+
+/// Median over rounds of lock-free throughput over a baseline's.
+pub fn ratio(baseline: &ImplRun, lockfree: &ImplRun) -> Option<f64> {
+    let ratios = round_ratios(baseline, lockfree);
     (!ratios.is_empty()).then(|| median(ratios))
+}
+
+/// Lock-free's throughput against one baseline: the median of the per-round
+/// ratios and the ratios themselves (their spread).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Ratio {
+    /// Median over rounds; `None` when no round has both figures.
+    pub median: Option<f64>,
+    /// Per round, in round order.
+    pub rounds: Vec<f64>,
+}
+
+impl Ratio {
+    /// The ratio of `lockfree` over `baseline`, round by round.
+    pub fn of(baseline: &ImplRun, lockfree: &ImplRun) -> Ratio {
+        Ratio { median: ratio(baseline, lockfree), rounds: round_ratios(baseline, lockfree) }
+    }
+
+    /// `0.950 (rounds 0.900-1.020, n=3)`, or `n/a`.
+    fn describe(&self) -> String {
+        match self.median {
+            None => "n/a".into(),
+            Some(m) => {
+                let lo = self.rounds.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = self.rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                format!("{m:.3} (rounds {lo:.3}-{hi:.3}, n={})", self.rounds.len())
+            }
+        }
+    }
+}
+
+/// The ratios a run reports: lock-free against the locked port (`--impl
+/// both` and `all`) and against the sharded port (`all`). `None`: that pair
+/// was not selected.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Ratios {
+    /// Lock-free over locked.
+    pub over_locked: Option<Ratio>,
+    /// Lock-free over sharded.
+    pub over_sharded: Option<Ratio>,
 }
 
 /// Bytes as MiB.
@@ -279,25 +326,38 @@ struct JsonReport<'a> {
     header: &'a Header,
     results: &'a [Summary],
     unavailable: &'a [&'static str],
+    /// Median over rounds of lock-free over locked (`both`, `all`).
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio_lockfree_over_locked: Option<Option<f64>>,
+    /// The per-round ratios behind it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    round_ratios_lockfree_over_locked: Option<&'a [f64]>,
+    /// Median over rounds of lock-free over sharded (`all`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio_lockfree_over_sharded: Option<Option<f64>>,
+    /// The per-round ratios behind it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    round_ratios_lockfree_over_sharded: Option<&'a [f64]>,
     verdict: &'static str,
 }
 
-/// One JSON object; `ratio` is `Some` only for `--impl both`.
-pub fn json(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratio: Option<Option<f64>>) -> String {
+/// One JSON object; a ratio's fields are there only when its pair was selected.
+pub fn json(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratios: &Ratios) -> String {
     let report = JsonReport {
         header: h,
         results: sums,
         unavailable,
-        ratio_lockfree_over_locked: ratio,
+        ratio_lockfree_over_locked: ratios.over_locked.as_ref().map(|r| r.median),
+        round_ratios_lockfree_over_locked: ratios.over_locked.as_ref().map(|r| r.rounds.as_slice()),
+        ratio_lockfree_over_sharded: ratios.over_sharded.as_ref().map(|r| r.median),
+        round_ratios_lockfree_over_sharded: ratios.over_sharded.as_ref().map(|r| r.rounds.as_slice()),
         verdict: if total(sums).is_ok() { "OK" } else { "FAIL" },
     };
     serde_json::to_string(&report).expect("report serializes")
 }
 
 /// The human-readable results table, without the verdict line.
-pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratio: Option<Option<f64>>) -> String {
+pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratios: &Ratios) -> String {
     let mut out = format!(
         "workload={} threads={} runners={} readers={} seconds={} heads={} rounds={} seed={}\n",
         h.workload, h.threads, h.runners, h.readers, h.seconds, h.heads, h.rounds, h.seed
@@ -370,10 +430,14 @@ pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratio: 
             ));
         }
     }
-    match ratio {
-        Some(Some(r)) => out.push_str(&format!("ratio lockfree/locked (median of rounds): {r:.3}\n")),
-        Some(None) => out.push_str("ratio lockfree/locked: n/a\n"),
-        None => {}
+    for (name, r) in [("locked", &ratios.over_locked), ("sharded", &ratios.over_sharded)] {
+        match r {
+            Some(r @ Ratio { median: Some(_), .. }) => {
+                out.push_str(&format!("ratio lockfree/{name} (median of rounds): {}\n", r.describe()))
+            }
+            Some(_) => out.push_str(&format!("ratio lockfree/{name}: n/a\n")),
+            None => {}
+        }
     }
     out
 }
@@ -417,7 +481,9 @@ mod tests {
         });
         let mem = MemFigures { mem_peak_bytes: 4 << 20, mem_end_bytes: 3 << 20, mem_flat: true, ..Default::default() };
         let sums = vec![Summary::of(&run, mem)];
-        let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &["lockfree"], Some(None))).unwrap();
+        let na = Ratios { over_locked: Some(Ratio::default()), over_sharded: None };
+        let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &["lockfree"], &na)).unwrap();
+        assert!(v.get("ratio_lockfree_over_sharded").is_none(), "only for --impl all");
         for k in ["workload", "threads", "runners", "readers", "seconds", "results", "ratio_lockfree_over_locked"] {
             assert!(v.get(k).is_some(), "{k}");
         }
@@ -449,10 +515,68 @@ mod tests {
             (r["linearizability_violations"].as_u64(), r["linearizability_reads_checked"].as_u64()),
             (Some(0), Some(1000))
         );
-        assert!(table(&h, &sums, &[], None).contains("linearizability locked    reads_checked=1000 violations=0"));
+        assert!(
+            table(&h, &sums, &[], &Ratios::default())
+                .contains("linearizability locked    reads_checked=1000 violations=0")
+        );
         assert_eq!(r["mem_peak_bytes"], 4 << 20);
-        assert!(table(&h, &sums, &[], None).contains("peak_MiB"));
+        assert!(table(&h, &sums, &[], &Ratios::default()).contains("peak_MiB"));
         assert_eq!(r["fairness_min_over_max"], 1.0);
         assert!(verdict_line(&total(&sums)).starts_with("verdict: OK"));
+    }
+
+    fn run_of(name: &'static str, ops_per_round: &[u64]) -> ImplRun {
+        let mut run = ImplRun::new(name);
+        for &ops in ops_per_round {
+            run.push(RoundResult {
+                ops,
+                secs: 1.0,
+                hist: new_histogram(),
+                per_thread_ops: vec![ops],
+                refs_run: 0,
+                violations: Violations::default(),
+                mem_end_bytes: 0,
+                mem_root_retained_bytes: 0,
+                lin: LinFigures { reads_checked: 0, ops_recorded: 0, cut: false, samples: Vec::new() },
+            });
+        }
+        run
+    }
+
+    #[test]
+    fn both_ratios_with_their_rounds() {
+        let (locked, sharded, lockfree) = (
+            run_of("locked", &[100, 200, 100]),
+            run_of("sharded", &[200, 200, 400]),
+            run_of("lockfree", &[150, 200, 200]),
+        );
+        let ratios = Ratios {
+            over_locked: Some(Ratio::of(&locked, &lockfree)),
+            over_sharded: Some(Ratio::of(&sharded, &lockfree)),
+        };
+        assert_eq!(ratios.over_locked.as_ref().unwrap().rounds, vec![1.5, 1.0, 2.0]);
+        assert_eq!(ratios.over_locked.as_ref().unwrap().median, Some(1.5));
+        assert_eq!(ratios.over_sharded.as_ref().unwrap().rounds, vec![0.75, 1.0, 0.5]);
+        assert_eq!(ratios.over_sharded.as_ref().unwrap().median, Some(0.75));
+        let h = Header {
+            workload: "spread",
+            threads: 2,
+            runners: 1,
+            readers: 0,
+            seconds: 3.0,
+            heads: 10,
+            keys: 1,
+            rounds: 3,
+            seed: 7,
+        };
+        let sums: Vec<Summary> =
+            [&locked, &sharded, &lockfree].iter().map(|r| Summary::of(r, MemFigures::default())).collect();
+        let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &[], &ratios)).unwrap();
+        assert_eq!(v["ratio_lockfree_over_locked"], 1.5);
+        assert_eq!(v["ratio_lockfree_over_sharded"], 0.75);
+        assert_eq!(v["round_ratios_lockfree_over_sharded"], serde_json::json!([0.75, 1.0, 0.5]));
+        let t = table(&h, &sums, &[], &ratios);
+        assert!(t.contains("ratio lockfree/locked (median of rounds): 1.500 (rounds 1.000-2.000, n=3)"), "{t}");
+        assert!(t.contains("ratio lockfree/sharded (median of rounds): 0.750 (rounds 0.500-1.000, n=3)"), "{t}");
     }
 }

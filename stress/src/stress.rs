@@ -1,7 +1,8 @@
 //! The `stress` subcommand: resolve the parameters, run short rounds of the
-//! selected implementations interleaved (locked, lockfree, locked, ...),
-//! report medians and a verdict, and watch the live heap meanwhile
-//! ([`crate::memwatch`]).
+//! selected implementations interleaved (locked, lockfree, locked, ...; with
+//! `--impl all` locked, sharded, lockfree, locked, ...), report medians, the
+//! lock-free ratio against each selected baseline with its per-round spread,
+//! and a verdict, and watch the live heap meanwhile ([`crate::memwatch`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -132,6 +133,21 @@ fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
     Ok((params, header))
 }
 
+/// Lock-free's ratio against each baseline `choice` selected with it
+/// (`both`: locked; `all`: locked and sharded), from rounds of the same run.
+/// A selected pair with an implementation unavailable gives a ratio of n/a.
+fn ratios(choice: ImplChoice, runs: &[ImplRun]) -> report::Ratios {
+    let selected = |n: &str| choice.names().contains(&n) && choice.names().contains(&"lockfree");
+    let find = |n: &str| runs.iter().find(|r| r.name == n);
+    let against = |baseline: &str| {
+        selected(baseline).then(|| match find(baseline).zip(find("lockfree")) {
+            Some((b, f)) => report::Ratio::of(b, f),
+            None => report::Ratio::default(),
+        })
+    };
+    report::Ratios { over_locked: against("locked"), over_sharded: against("sharded") }
+}
+
 /// Run `stress` and return the process exit code.
 pub fn run(args: &StressArgs) -> i32 {
     let (params, header) = match resolve(args) {
@@ -187,15 +203,12 @@ pub fn run(args: &StressArgs) -> i32 {
             Summary::of(run, mem)
         })
         .collect();
-    let ratio = (args.impl_choice == ImplChoice::Both).then(|| {
-        let find = |n: &str| runs.iter().find(|r| r.name == n);
-        find("locked").zip(find("lockfree")).and_then(|(a, b)| report::ratio(a, b))
-    });
+    let ratios = ratios(args.impl_choice, &runs);
     let all = report::total(&sums);
     if args.json {
-        println!("{}", report::json(&header, &sums, &unavail, ratio));
+        println!("{}", report::json(&header, &sums, &unavail, &ratios));
     } else {
-        print!("{}", report::table(&header, &sums, &unavail, ratio));
+        print!("{}", report::table(&header, &sums, &unavail, &ratios));
         for m in &all.messages {
             eprintln!("violation: {m}");
         }
@@ -232,5 +245,21 @@ mod tests {
         assert_eq!((resolve(&a).unwrap().0.runners, resolve(&a).unwrap().0.readers), (0, 0));
         a.threads = 0;
         assert!(resolve(&a).is_err());
+    }
+
+    #[test]
+    fn ratios_follow_the_choice() {
+        let runs: Vec<ImplRun> = ImplChoice::All.names().iter().map(|&n| ImplRun::new(n)).collect();
+        let r = ratios(ImplChoice::Both, &runs);
+        assert!(r.over_locked.is_some() && r.over_sharded.is_none());
+        let r = ratios(ImplChoice::All, &runs);
+        assert!(r.over_locked.is_some() && r.over_sharded.is_some());
+        // No rounds yet: selected, but n/a.
+        assert_eq!(r.over_sharded.unwrap().median, None);
+        for c in [ImplChoice::Lockfree, ImplChoice::Locked, ImplChoice::Sharded] {
+            assert_eq!(ratios(c, &runs), report::Ratios::default(), "{c:?}");
+        }
+        assert_eq!(ImplChoice::All.names(), ["locked", "sharded", "lockfree"]);
+        assert!(ImplChoice::All.names().iter().all(|n| impls::is_available(n)));
     }
 }

@@ -5,7 +5,8 @@
 //! Every test is written once as `fn case<D: DelayedRefs>()` and instantiated
 //! per implementation by [`for_each_impl!`]. The single `mod lockfree` line
 //! in the macro below gives the lock-free implementation the same tests in
-//! every file; commenting it out leaves the locked port alone.
+//! every file, and the `mod sharded` line the sharded locked port
+//! (`ShardedRefs`); commenting them out leaves the locked port alone.
 
 #![allow(dead_code, unused_macros, unused_imports)]
 
@@ -28,6 +29,9 @@ macro_rules! for_each_impl {
         // The lock-free implementation: this one line runs every test file
         // against it (comment it out to test the locked port alone).
         mod lockfree { $( #[test] fn $name() { super::$name::<::delayed_refs::LockFreeRefs>(); } )+ }
+        // The locked port sharded by bytenr (16 shards): this one line runs
+        // every test file against it too.
+        mod sharded { $( #[test] fn $name() { super::$name::<::delayed_refs::ShardedRefs>(); } )+ }
     };
 }
 

@@ -1,5 +1,7 @@
 //! The extent-tree dumps (`extents/NN_phase.jsonl.gz`): one JSON object per
-//! extent item, converted to the crate's [`ExtentItem`].
+//! extent item, converted to the crate's [`ExtentItem`]. A skinny
+//! `METADATA_ITEM` has no length in the dump (`num_bytes: null`): it is the
+//! filesystem's node size ([`super::nodesize`]).
 
 #![forbid(unsafe_code)]
 
@@ -10,10 +12,6 @@ use delayed_refs::{BLOCK_FLAG_FULL_BACKREF, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_B
 use serde::Deserialize;
 
 use super::input::{InputError, for_each_gz_line};
-
-/// The node size of the recorded filesystem: the length of a skinny
-/// `METADATA_ITEM`, whose dump has `num_bytes: null`.
-pub const NODESIZE: u64 = 4096;
 
 /// One backref as dumped.
 #[derive(Debug, Deserialize)]
@@ -70,8 +68,9 @@ fn backref_key(b: &RawBackref) -> Result<RefKey, String> {
     })
 }
 
-/// Convert one JSON line to `(bytenr, item)`.
-pub fn parse_item(line: &str) -> Result<(u64, ExtentItem), String> {
+/// Convert one JSON line to `(bytenr, item)`. `nodesize` is the length of a
+/// tree block (`None`: unknown, then a skinny item is an error).
+pub fn parse_item(line: &str, nodesize: Option<u64>) -> Result<(u64, ExtentItem), String> {
     let raw: RawItem = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
     let flags = parse_flags(&raw.flags)?;
     let is_data = flags & EXTENT_FLAG_DATA != 0;
@@ -79,12 +78,22 @@ pub fn parse_item(line: &str) -> Result<(u64, ExtentItem), String> {
         return Err(format!("flags {:?} are neither DATA nor TREE_BLOCK alone", raw.flags));
     }
     let num_bytes = match (raw.item.as_str(), raw.num_bytes) {
-        ("METADATA_ITEM", None) => NODESIZE,
+        ("METADATA_ITEM", None) => nodesize.ok_or_else(|| {
+            "a METADATA_ITEM has the node size as its length, and the node size is unknown (no raw/mkfs.txt.gz \
+             \"Node size\" line, no tree ref event; pass --nodesize)"
+                .to_string()
+        })?,
         ("METADATA_ITEM" | "EXTENT_ITEM", Some(n)) if n > 0 => n,
         (item, n) => return Err(format!("item {item:?} with num_bytes {n:?}")),
     };
     if is_data && raw.item != "EXTENT_ITEM" {
         return Err(format!("data extent in a {} item", raw.item));
+    }
+    if let Some(ns) = nodesize
+        && !is_data
+        && num_bytes != ns
+    {
+        return Err(format!("tree block of {num_bytes} bytes, but the node size is {ns}"));
     }
     let mut backrefs = BTreeMap::new();
     for b in &raw.backrefs {
@@ -106,14 +115,14 @@ pub fn parse_item(line: &str) -> Result<(u64, ExtentItem), String> {
     Ok((raw.bytenr, item))
 }
 
-/// Read a dump file.
-pub fn read_dump(path: &Path) -> Result<Dump, InputError> {
+/// Read a dump file; `nodesize` as for [`parse_item`].
+pub fn read_dump(path: &Path, nodesize: Option<u64>) -> Result<Dump, InputError> {
     let mut dump = Dump::new();
     for_each_gz_line(path, |_, line| {
         if line.trim().is_empty() {
             return Ok(());
         }
-        let (bytenr, item) = parse_item(line)?;
+        let (bytenr, item) = parse_item(line, nodesize)?;
         if dump.insert(bytenr, item).is_some() {
             return Err(format!("extent {bytenr} appears twice"));
         }
@@ -132,19 +141,34 @@ mod tests {
 
     #[test]
     fn parses_items() {
-        let (b, it) = parse_item(TREE).unwrap();
+        let (b, it) = parse_item(TREE, Some(4096)).unwrap();
         assert_eq!(b, 22024192);
         assert_eq!(
             (it.num_bytes, it.is_data, it.refs, it.flags, it.level),
             (4096, false, 1, EXTENT_FLAG_TREE_BLOCK, 0)
         );
         assert_eq!(it.backrefs[&RefKey::TreeBlock { root: 3 }], 1);
-        let (_, it) = parse_item(DATA).unwrap();
+        let (_, it) = parse_item(DATA, Some(4096)).unwrap();
         assert_eq!((it.num_bytes, it.is_data, it.refs, it.flags), (8192, true, 3, EXTENT_FLAG_DATA));
         assert_eq!(it.backrefs[&RefKey::ExtentData { root: 5, objectid: 257, offset: 0 }], 2);
         assert_eq!(it.backrefs[&RefKey::SharedData { parent: 579584000 }], 1);
         let fb = TREE.replace(r#""TREE_BLOCK""#, r#""TREE_BLOCK|FULL_BACKREF""#);
-        assert_eq!(parse_item(&fb).unwrap().1.flags, EXTENT_FLAG_TREE_BLOCK | BLOCK_FLAG_FULL_BACKREF);
+        assert_eq!(parse_item(&fb, Some(4096)).unwrap().1.flags, EXTENT_FLAG_TREE_BLOCK | BLOCK_FLAG_FULL_BACKREF);
+    }
+
+    /// A skinny item takes the node size; without one it is an error, and a
+    /// tree block of another length is one too.
+    #[test]
+    fn skinny_items_take_the_node_size() {
+        for ns in [4096, 8192, 16384, 32768, 65536] {
+            assert_eq!(parse_item(TREE, Some(ns)).unwrap().1.num_bytes, ns);
+            assert_eq!(parse_item(DATA, Some(ns)).unwrap().1.num_bytes, 8192, "data keeps its length");
+        }
+        assert!(parse_item(TREE, None).unwrap_err().contains("--nodesize"));
+        assert_eq!(parse_item(DATA, None).unwrap().1.num_bytes, 8192);
+        let fat = TREE.replace(r#""num_bytes":null"#, r#""num_bytes":16384"#);
+        assert_eq!(parse_item(&fat, Some(16384)).unwrap().1.num_bytes, 16384);
+        assert!(parse_item(&fat, Some(4096)).unwrap_err().contains("node size is 4096"));
     }
 
     #[test]
@@ -158,7 +182,7 @@ mod tests {
             (TREE[..40].to_string(), "malformed JSON"),
             (DATA.replace(r#""num_bytes":8192"#, r#""num_bytes":null"#), "num_bytes"),
         ] {
-            let e = parse_item(&line).unwrap_err();
+            let e = parse_item(&line, Some(4096)).unwrap_err();
             assert!(e.contains(what), "{line}: {e}");
         }
     }
@@ -168,14 +192,14 @@ mod tests {
         let d = scratch("dump");
         let p = d.join("00_mkfs.jsonl.gz");
         std::fs::write(&p, gz(&format!("{TREE}\n{DATA}\n"))).unwrap();
-        assert_eq!(read_dump(&p).unwrap().len(), 2);
+        assert_eq!(read_dump(&p, Some(4096)).unwrap().len(), 2);
         std::fs::write(&p, gz(&format!("{TREE}\n{DATA}\n{{\"bytenr\":1\n"))).unwrap();
-        let e = read_dump(&p).unwrap_err();
+        let e = read_dump(&p, Some(4096)).unwrap_err();
         assert_eq!(e.line, 3, "{e}");
         std::fs::write(&p, gz(&format!("{TREE}\n{TREE}\n"))).unwrap();
-        assert!(read_dump(&p).unwrap_err().msg.contains("twice"));
+        assert!(read_dump(&p, Some(4096)).unwrap_err().msg.contains("twice"));
         let full = gz(&format!("{TREE}\n").repeat(1).replace("22024192", "1"));
         std::fs::write(&p, &full[..full.len() - 6]).unwrap();
-        assert!(read_dump(&p).is_err());
+        assert!(read_dump(&p, Some(4096)).is_err());
     }
 }

@@ -1,8 +1,17 @@
 //! The event files (`events/NN_phase.tsv.gz`): one kernel event per line,
 //! tab-separated, `-` where a column does not apply (traces README).
+//!
+//! Known events are the delayed-ref set, the tree-mod-log blocker probes
+//! (`kp_get_seq_entry`, `kp_get_seq`, `kp_put_seq`, `kp_check_seq`,
+//! `kp_held_back`), the qgroup records (`btrfs_qgroup_trace_extent`,
+//! `btrfs_qgroup_account_extents`), commits and markers; a malformed row of
+//! one of them is an error naming the file and the line. Any other event
+//! (a recording carries whatever events were enabled) is counted by name
+//! and otherwise ignored.
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use delayed_refs::{Action, RefKey, RefType};
@@ -44,6 +53,7 @@ const C_LEVEL: usize = 11;
 const C_OWNER: usize = 12;
 const C_OFFSET: usize = 13;
 const C_TYPE: usize = 14;
+const C_SEQ: usize = 15;
 const C_IS_DATA: usize = 16;
 const C_REF_MOD: usize = 17;
 const C_EXTRA: usize = 18;
@@ -69,6 +79,8 @@ pub struct RefFields {
     pub offset: u64,
     /// The backref, from the `type` column and its fields.
     pub key: RefKey,
+    /// The tree-mod-log seq the kernel gave the ref (`seq` column).
+    pub seq: u64,
 }
 
 impl RefFields {
@@ -141,6 +153,53 @@ pub enum EventKind {
     Commit,
     /// `marker`.
     Marker,
+    /// `kp_get_seq_entry`: `btrfs_get_tree_mod_seq(fs_info, elem)` entered.
+    GetSeqEntry {
+        /// The `struct btrfs_seq_list` address.
+        elem: u64,
+        /// Its seq on entry: 0 for a new blocker, else the call re-uses
+        /// a registered one and registers nothing.
+        seq_in: u64,
+    },
+    /// `kp_get_seq`: a blocker was registered with this seq.
+    GetSeq {
+        /// The blocker's seq.
+        seq: u64,
+    },
+    /// `kp_put_seq`: the blocker is about to be removed.
+    PutSeq {
+        /// The blocker's seq.
+        seq: u64,
+        /// Its `struct btrfs_seq_list` address.
+        elem: u64,
+    },
+    /// `kp_check_seq`: a selected ref with this seq is checked against the
+    /// lowest blocker before it runs.
+    CheckSeq {
+        /// The ref's seq.
+        seq: u64,
+    },
+    /// `kp_held_back`: the preceding check on the same task held the ref
+    /// back (its head was unselected).
+    HeldBack {
+        /// The checked seq, when the row carries it.
+        seq: Option<u64>,
+    },
+    /// `btrfs_qgroup_trace_extent`: a qgroup extent record inserted or
+    /// found; right before a head event on the same task, that head's.
+    QgroupTrace {
+        /// Extent start.
+        bytenr: u64,
+        /// Extent length.
+        num_bytes: u64,
+    },
+    /// `btrfs_qgroup_account_extents`: a record accounted at commit.
+    QgroupAccount {
+        /// Extent start.
+        bytenr: u64,
+    },
+    /// An event outside the sets above (counted by [`read_events`]).
+    Other,
 }
 
 /// One event line.
@@ -218,6 +277,7 @@ fn ref_fields(f: &[&str], tree: bool) -> Result<RefFields, String> {
     if RefType::choose(!tree, parent) != ty {
         return Err(format!("type {ty:?} does not agree with parent {parent}"));
     }
+    let seq = num(f, C_SEQ)?;
     let (level, owner, offset, key) = if tree {
         let level = num(f, C_LEVEL)?;
         let level = u8::try_from(level).map_err(|_| format!("level {level} out of range"))?;
@@ -230,7 +290,7 @@ fn ref_fields(f: &[&str], tree: bool) -> Result<RefFields, String> {
             if parent != 0 { RefKey::SharedData { parent } } else { RefKey::ExtentData { root, objectid, offset } };
         (0, objectid, offset, key)
     };
-    Ok(RefFields { bytenr, num_bytes, action, parent, root, level, owner, offset, key })
+    Ok(RefFields { bytenr, num_bytes, action, parent, root, level, owner, offset, key, seq })
 }
 
 /// Parse `key=value` pairs of the `extra` column.
@@ -245,7 +305,30 @@ fn parse_hex_or_dec(s: &str) -> Option<u64> {
     }
 }
 
-/// Parse one data line (not the header).
+/// A number from `key=value` of the `extra` column.
+fn extra_num(f: &[&str], event: &str, name: &str) -> Result<u64, String> {
+    let extra = col(f, C_EXTRA);
+    extra_value(extra, name)
+        .and_then(parse_hex_or_dec)
+        .ok_or_else(|| format!("{event} without a readable {name} in {extra:?}"))
+}
+
+/// A seq column that must hold a blocker's seq (never 0).
+fn blocker_seq(f: &[&str]) -> Result<u64, String> {
+    match num(f, C_SEQ)? {
+        0 => Err("column seq is 0 on a blocker row (a blocker's seq is never 0)".into()),
+        s => Ok(s),
+    }
+}
+
+/// The name of the event a data line carries (the line may be malformed
+/// otherwise).
+pub fn event_name(line: &str) -> &str {
+    line.split('\t').nth(C_EVENT).unwrap_or("")
+}
+
+/// Parse one data line (not the header). An event outside the known sets
+/// parses as [`EventKind::Other`].
 pub fn parse_line(line: &str, lineno: usize) -> Result<Event, String> {
     let f: Vec<&str> = line.split('\t').collect();
     if f.len() != COLUMNS.len() {
@@ -290,7 +373,25 @@ pub fn parse_line(line: &str, lineno: usize) -> Result<Event, String> {
         }
         "btrfs_transaction_commit" => EventKind::Commit,
         "marker" => EventKind::Marker,
-        other => return Err(format!("unknown event {other:?}")),
+        "kp_get_seq_entry" => EventKind::GetSeqEntry {
+            elem: extra_num(&f, "kp_get_seq_entry", "elem")?,
+            seq_in: extra_num(&f, "kp_get_seq_entry", "seq_in")?,
+        },
+        "kp_get_seq" => EventKind::GetSeq { seq: blocker_seq(&f)? },
+        "kp_put_seq" => EventKind::PutSeq { seq: blocker_seq(&f)?, elem: extra_num(&f, "kp_put_seq", "elem")? },
+        "kp_check_seq" => EventKind::CheckSeq { seq: num(&f, C_SEQ)? },
+        "kp_held_back" => EventKind::HeldBack {
+            seq: match col(&f, C_SEQ) {
+                "-" => None,
+                _ => Some(num(&f, C_SEQ)?),
+            },
+        },
+        "btrfs_qgroup_trace_extent" => {
+            EventKind::QgroupTrace { bytenr: num(&f, C_BYTENR)?, num_bytes: num(&f, C_NUM_BYTES)? }
+        }
+        "btrfs_qgroup_account_extents" => EventKind::QgroupAccount { bytenr: num(&f, C_BYTENR)? },
+        "" => return Err("empty event column".into()),
+        _ => EventKind::Other,
     };
     Ok(Event { idx, pid, line: lineno, kind })
 }
@@ -304,10 +405,22 @@ fn check_header(line: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The events of one file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventFile {
+    /// The known events, in file order.
+    pub events: Vec<Event>,
+    /// Rows of other events, by event name (not replayed).
+    pub other: BTreeMap<String, u64>,
+}
+
 /// Read an event file: the header, then one event per line, in file order.
-/// `idx` must increase strictly (it is the recorded total order).
-pub fn read_events(path: &Path) -> Result<Vec<Event>, InputError> {
+/// `idx` must increase strictly (it is the recorded total order), on every
+/// row. Rows of events outside the known sets are counted by name in
+/// [`EventFile::other`] and left out of [`EventFile::events`].
+pub fn read_events(path: &Path) -> Result<EventFile, InputError> {
     let mut events = Vec::new();
+    let mut other: BTreeMap<String, u64> = BTreeMap::new();
     let mut header = false;
     let mut last_idx: Option<u64> = None;
     for_each_gz_line(path, |lineno, line| {
@@ -327,13 +440,17 @@ pub fn read_events(path: &Path) -> Result<Vec<Event>, InputError> {
             return Err(format!("idx {} does not increase (previous {})", ev.idx, last_idx.unwrap_or(0)));
         }
         last_idx = Some(ev.idx);
-        events.push(ev);
+        if ev.kind == EventKind::Other {
+            *other.entry(event_name(line).to_string()).or_insert(0) += 1;
+        } else {
+            events.push(ev);
+        }
         Ok(())
     })?;
     if !header {
         return Err(InputError::file(path, "no header line (empty event file)"));
     }
-    Ok(events)
+    Ok(EventFile { events, other })
 }
 
 #[cfg(test)]
@@ -350,7 +467,7 @@ mod tests {
         assert_eq!((e.idx, e.pid, e.line), (4, 185, 7));
         let EventKind::AddRef(r) = e.kind else { panic!("{e:?}") };
         assert_eq!(r.key, RefKey::TreeBlock { root: 1 });
-        assert_eq!((r.bytenr, r.num_bytes, r.action, r.level), (30416896, 4096, Action::Add, 0));
+        assert_eq!((r.bytenr, r.num_bytes, r.action, r.level, r.seq), (30416896, 4096, Action::Add, 0, 0));
 
         let l = "892\t207.7\t1\t1067\tkworker/u4:6\tadd_delayed_data_ref\t13631488\t16384\tDROP_DELAYED_REF\t0\t5\t-\t2806\t0\tEXTENT_DATA_REF\t0\t1\t-\t-";
         let EventKind::AddRef(r) = parse_line(l, 1).unwrap().kind else { panic!() };
@@ -384,6 +501,60 @@ mod tests {
         assert_eq!(parse_line(l, 1).unwrap().kind, EventKind::Commit);
     }
 
+    /// The rows of runC-sample's blocker and qgroup probes.
+    #[test]
+    fn parses_blocker_and_qgroup_rows() {
+        let dash = |n: usize| "-\t".repeat(n);
+        let row = |event: &str, cols: &str| format!("3366\t159.2\t1\t9597\tfilefrag\t{event}\t{cols}");
+        let k = |l: String| parse_line(&l, 1).map(|e| e.kind);
+        assert_eq!(
+            k(row("kp_get_seq_entry", &format!("{}elem=0xff4e300004a03a10,seq_in=0", dash(12)))),
+            Ok(EventKind::GetSeqEntry { elem: 0xff4e300004a03a10, seq_in: 0 })
+        );
+        assert_eq!(
+            k(row("kp_get_seq", &format!("{}1\t-\t-\tcaller=btrfs_is_data_extent_shared+0xcb/0x3e0", dash(9)))),
+            Ok(EventKind::GetSeq { seq: 1 })
+        );
+        assert_eq!(
+            k(row("kp_put_seq", &format!("{}14\t-\t-\telem=0xff4e300004adbc30", dash(9)))),
+            Ok(EventKind::PutSeq { seq: 14, elem: 0xff4e300004adbc30 })
+        );
+        assert_eq!(k(row("kp_check_seq", &format!("{}22\t-\t-\t-", dash(9)))), Ok(EventKind::CheckSeq { seq: 22 }));
+        assert_eq!(
+            k(row("kp_held_back", &format!("{}26\t-\t-\tret=1", dash(9)))),
+            Ok(EventKind::HeldBack { seq: Some(26) })
+        );
+        assert_eq!(
+            k(row("kp_held_back", &format!("{}-\t-\t-\tret=1", dash(9)))),
+            Ok(EventKind::HeldBack { seq: None })
+        );
+        assert_eq!(
+            k(row("btrfs_qgroup_trace_extent", &format!("573964288\t65536\t{}-", dash(10)))),
+            Ok(EventKind::QgroupTrace { bytenr: 573964288, num_bytes: 65536 })
+        );
+        assert_eq!(
+            k(row("btrfs_qgroup_account_extents", &format!("371789824\t16384\t{}-", dash(10)))),
+            Ok(EventKind::QgroupAccount { bytenr: 371789824 })
+        );
+        // Malformed rows of these known events name what is wrong.
+        for (l, what) in [
+            (row("kp_get_seq", &format!("{}0\t-\t-\tcaller=x", dash(9))), "seq is 0"),
+            (row("kp_get_seq", &format!("{}-\t-\t-\tcaller=x", dash(9))), "column seq"),
+            (row("kp_put_seq", &format!("{}3\t-\t-\telem=zz", dash(9))), "elem"),
+            (row("kp_get_seq_entry", &format!("{}elem=0x10", dash(12))), "seq_in"),
+            (row("kp_check_seq", &format!("{}x\t-\t-\t-", dash(9))), "column seq"),
+            (row("btrfs_qgroup_trace_extent", &format!("-\t65536\t{}-", dash(10))), "bytenr"),
+        ] {
+            let e = k(l.clone()).unwrap_err();
+            assert!(e.contains(what), "{l:?}: {e}");
+        }
+        // An event outside the known sets parses as Other, whatever its columns.
+        assert_eq!(
+            k(row("qgroup_num_dirty_extents", &format!("{}transid=89,num_dirty_extents=154", dash(12)))),
+            Ok(EventKind::Other)
+        );
+    }
+
     #[test]
     fn malformed_lines_are_errors() {
         let good = "4\t19.45\t0\t185\tsync\tadd_delayed_tree_ref\t30416896\t4096\tADD_DELAYED_REF\t0\t1\t0\t-\t-\tTREE_BLOCK_REF\t0\t0\t-\t-";
@@ -392,7 +563,8 @@ mod tests {
             ("4\t19.45\t0\t185", "fields"),
             (&good.replace("30416896", "-") as &str, "bytenr"),
             (&good.replace("30416896", "12x") as &str, "bytenr"),
-            (&good.replace("add_delayed_tree_ref", "add_delayed_frob") as &str, "unknown event"),
+            (&good.replace("add_delayed_tree_ref", "") as &str, "empty event"),
+            (&good.replace("\t0\t0\t-\t-", "\tx\t0\t-\t-") as &str, "column seq"),
             (&good.replace("ADD_DELAYED_REF", "ADD_SOMETHING") as &str, "unknown action"),
             (&good.replace("TREE_BLOCK_REF", "EXTENT_DATA_REF") as &str, "tree ref event"),
             (&good.replace("TREE_BLOCK_REF", "SHARED_BLOCK_REF") as &str, "parent"),
@@ -411,7 +583,7 @@ mod tests {
         let p = d.join("01_x.tsv.gz");
         let good = "0\t1.0\t0\t1\tsh\tmarker\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\tphase";
         std::fs::write(&p, gz(&format!("{HEADER}\n{good}\n"))).unwrap();
-        assert_eq!(read_events(&p).unwrap().len(), 1);
+        assert_eq!(read_events(&p).unwrap().events.len(), 1);
 
         std::fs::write(&p, gz(&format!("{HEADER}\n{good}\n1\t2.0\tgarbage\n"))).unwrap();
         let e = read_events(&p).unwrap_err();
@@ -424,10 +596,31 @@ mod tests {
         std::fs::write(&p, gz(&format!("{good}\n"))).unwrap();
         assert_eq!(read_events(&p).unwrap_err().line, 1);
 
-        let unknown = good.replace("marker", "sched_switch");
-        std::fs::write(&p, gz(&format!("{HEADER}\n{unknown}\n"))).unwrap();
+        // Events outside the known sets are counted by name, never fatal;
+        // their rows must still be rows (fields, increasing idx).
+        let other = |i: u64, name: &str| good.replacen("0\t", &format!("{i}\t"), 1).replace("marker", name);
+        let text = format!(
+            "{HEADER}\n{good}\n{}\n{}\n{}\n",
+            other(1, "sched_switch"),
+            other(2, "qgroup_num_dirty_extents"),
+            other(3, "sched_switch")
+        );
+        std::fs::write(&p, gz(&text)).unwrap();
+        let f = read_events(&p).unwrap();
+        assert_eq!(f.events.len(), 1);
+        assert_eq!(
+            f.other.into_iter().collect::<Vec<_>>(),
+            [("qgroup_num_dirty_extents".into(), 1), ("sched_switch".into(), 2)]
+        );
+        std::fs::write(&p, gz(&format!("{HEADER}\n{good}\n{}\n", other(0, "sched_switch")))).unwrap();
+        assert!(read_events(&p).unwrap_err().msg.contains("does not increase"));
+        std::fs::write(&p, gz(&format!("{HEADER}\n{good}\n1\t2.0\t0\t1\tsh\tsched_switch\n"))).unwrap();
+        assert_eq!(read_events(&p).unwrap_err().line, 3);
+        // A malformed row of a known event is still an error at its line.
+        let bad_get = good.replacen("0\t", "1\t", 1).replace("marker", "kp_get_seq");
+        std::fs::write(&p, gz(&format!("{HEADER}\n{good}\n{bad_get}\n"))).unwrap();
         let e = read_events(&p).unwrap_err();
-        assert!(e.msg.contains("unknown event") && e.line == 2, "{e}");
+        assert!(e.line == 3 && e.to_string().contains("01_x.tsv.gz:3:") && e.msg.contains("seq"), "{e}");
 
         let body: String = (0..3000).map(|i| good.replacen("0\t", &format!("{i}\t"), 1) + "\n").collect();
         let big = gz(&format!("{HEADER}\n{body}"));
