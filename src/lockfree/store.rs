@@ -8,7 +8,7 @@
 //! The runtime instantiates it with [`SkipStores`]: crossbeam-skiplist maps
 //! reclaimed by the root's own crossbeam-epoch collector. The loom and
 //! shuttle models, and Miri, instantiate the same code with
-//! [`mock::MockStores`]: linearizable maps built from the `sync` shim's
+//! `mock::MockStores`: linearizable maps built from the `sync` shim's
 //! `Mutex` and `Arc`, so every atomic of the engine's own protocols, and
 //! every map operation, is a point where the model checker may switch
 //! threads. Nothing of the engine is re-written for the models.
