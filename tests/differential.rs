@@ -347,6 +347,23 @@ macro_rules! same {
     }};
 }
 
+/// Adds whose outcome may depend on which refs already ran: the success of
+/// the call, and the qgroup record it inserted (records are per bytenr and
+/// never run), or else the same error.
+fn compare_adds(
+    step: &Step,
+    a: &Result<AddOutcome, Error>,
+    b: &Result<AddOutcome, Error>,
+) -> Result<(), TestCaseError> {
+    same!(a.is_ok(), b.is_ok(), "add result of {step:?}");
+    if let (Ok(a), Ok(b)) = (a, b) {
+        same!(a.qgroup_record_inserted, b.qgroup_record_inserted, "qgroup record of {step:?}");
+    } else {
+        same!(a, b, "add error of {step:?}");
+    }
+    Ok(())
+}
+
 /// `Err` unless the condition holds.
 macro_rules! ensure {
     ($c:expr, $($ctx:tt)+) => {{
@@ -586,14 +603,7 @@ impl<F: DelayedRefs> Case<F> {
         }
         // Diverged: only what does not depend on which refs already ran.
         match (lo, fo) {
-            (Outcome::Add(a), Outcome::Add(b)) => {
-                same!(a.is_ok(), b.is_ok(), "add result of {step:?}");
-                if let (Ok(a), Ok(b)) = (a, b) {
-                    same!(a.qgroup_record_inserted, b.qgroup_record_inserted, "qgroup record of {step:?}");
-                } else {
-                    same!(a, b, "add error of {step:?}");
-                }
-            }
+            (Outcome::Add(a), Outcome::Add(b)) => compare_adds(step, a, b)?,
             (Outcome::RunOne(a), Outcome::RunOne(b)) => {
                 let key = |r: &Result<Option<(u64, HeadOutcome, RunStats)>, Error>| {
                     r.as_ref().map(|o| o.map(|(b, out, s)| (b, out, s.heads, s.held_back, s.heads_deleted))).ok()
@@ -617,14 +627,7 @@ impl<F: DelayedRefs> Case<F> {
     /// unprocessed head must agree.
     fn compare_order_free(step: &Step, lo: &Outcome, fo: &Outcome, was_diverged: bool) -> Result<(), TestCaseError> {
         match (lo, fo) {
-            (Outcome::Add(a), Outcome::Add(b)) => {
-                same!(a.is_ok(), b.is_ok(), "add result of {step:?}");
-                if let (Ok(a), Ok(b)) = (a, b) {
-                    same!(a.qgroup_record_inserted, b.qgroup_record_inserted, "qgroup record of {step:?}");
-                } else {
-                    same!(a, b, "add error of {step:?}");
-                }
-            }
+            (Outcome::Add(a), Outcome::Add(b)) => compare_adds(step, a, b)?,
             (Outcome::Unit(a), Outcome::Unit(b)) => same!(a, b, "result of {step:?}"),
             (Outcome::RunOne(a), Outcome::RunOne(b)) => {
                 same!(a.is_ok(), b.is_ok(), "run_one of {step:?} succeeded");

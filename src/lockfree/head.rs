@@ -204,7 +204,7 @@ pub(crate) struct RefNode {
 /// | seqlock (`run_seq`) | — | `open_apply_window` (the only writer) | `read_seq` |
 /// | counts (`ref_mod`, `total_ref_mod`) | `apply_count_mod` | `take_ref_mod`, `restore_ref_mod`, `total_ref_mod` | `ref_mod` |
 /// | allocation (`owning_root`, `num_bytes`, `must_insert_reserved`) | `fill_owning_root`, `reallocate` | `take_must_insert`, `restore_must_insert` | getters |
-/// | extent op | `merge_op` | `take_op`, `restore_op`, `has_op` | `op` |
+/// | extent op | `merge_op` | `take_op`, `restore_op`, `has_pending_op` | `op` |
 /// | late-ADD markers (`add_epoch`, marker range) | `exit_noting_late_add` | `add_epoch`, `markers` | — |
 #[derive(Debug)]
 pub(crate) struct Head {
@@ -402,12 +402,6 @@ impl Head {
         self.must_insert_reserved.load(Ordering::Acquire)
     }
 
-    /// The retiring runner takes the flag for good.
-    pub(crate) fn clear_must_insert(&self) -> bool {
-        // AcqRel: pairs with `reallocate`; the head is closed, no adder sets it again.
-        self.must_insert_reserved.swap(false, Ordering::AcqRel)
-    }
-
     /// The extent's length.
     pub(crate) fn num_bytes(&self) -> u64 {
         // Acquire: pairs with `reallocate`.
@@ -427,11 +421,6 @@ impl Head {
         self.extent_op.take()
     }
 
-    /// Whether an extent op is pending.
-    pub(crate) fn has_op(&self) -> bool {
-        self.extent_op.is_some()
-    }
-
     /// A copy of the pending extent op.
     pub(crate) fn op(&self) -> Option<ExtentOp> {
         self.extent_op.get()
@@ -440,7 +429,7 @@ impl Head {
     /// Leftover work that keeps the head from closing: an extent op on an
     /// item that exists (an op on a must_insert_reserved head goes with it).
     pub(crate) fn has_pending_op(&self) -> bool {
-        self.has_op() && !self.must_insert_reserved()
+        self.extent_op.is_some() && !self.must_insert_reserved()
     }
 
     // ---- late-ADD markers ----

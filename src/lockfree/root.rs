@@ -221,7 +221,8 @@ impl<S: Stores> Engine<S> {
         let g = *self.fs.reserves.geometry();
         self.counters.num_heads.add(-1);
         self.counters.num_entries.add(-1);
-        let mir = head.clear_must_insert();
+        // Closed: no adder sets the flag again; this takes it for good.
+        let mir = head.take_must_insert();
         let mut released = 0;
         if head.is_data() && head.total_ref_mod() < 0 {
             let nb = head.num_bytes();
