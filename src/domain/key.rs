@@ -53,9 +53,22 @@ impl RefKey {
         self.ref_type().is_data()
     }
 
+    /// The identity with type code `ty` (`RefType as u8`) and `fields` (as
+    /// [`RefKey::fields`] gives them); `None` for an unknown type code.
+    pub(crate) fn from_parts(ty: u8, fields: [u64; 3]) -> Option<RefKey> {
+        let [a, b, c] = fields;
+        Some(match ty {
+            t if t == RefType::TreeBlock as u8 => RefKey::TreeBlock { root: a },
+            t if t == RefType::ExtentData as u8 => RefKey::ExtentData { root: a, objectid: b, offset: c },
+            t if t == RefType::SharedBlock as u8 => RefKey::SharedBlock { parent: a },
+            t if t == RefType::SharedData as u8 => RefKey::SharedData { parent: a },
+            _ => return None,
+        })
+    }
+
     /// The type-specific fields in comparison order (§2.1 step 2); unused
     /// slots are zero and only ever compared against refs of the same type.
-    fn fields(&self) -> [u64; 3] {
+    pub(crate) fn fields(&self) -> [u64; 3] {
         match *self {
             RefKey::TreeBlock { root } => [root, 0, 0],
             RefKey::ExtentData { root, objectid, offset } => [root, objectid, offset],

@@ -25,27 +25,48 @@ pub(crate) trait Indexed {
     fn state(&self) -> &HeadState;
 }
 
-/// Find or create the head for `key` and enter it as an adder (spec §3.5,
-/// hazard 1). Returns the entry and whether this adder is the head's first.
-pub(crate) fn enter<'g, H: Indexed, M: OrderedMap<u64, H>>(
+/// Find or create the head for `key`, enter it as an adder (spec §3.5,
+/// hazard 1) and call `f` on it with whether this adder is the head's
+/// first; `f` must leave (exit) before it returns.
+///
+/// An existing head costs one search (`get`). A missing one costs one more:
+/// the insert's own search, with `f` called on the entry the insert found
+/// or made (no search again to find what was just inserted).
+pub(crate) fn enter<'g, H: Indexed, M: OrderedMap<u64, H>, R>(
     index: &'g M,
     key: u64,
     make: impl Fn() -> H,
+    f: impl FnOnce(&H, bool) -> R,
     guard: &'g M::Guard,
-) -> (M::Entry<'g>, bool) {
+) -> R {
+    let mut f = Some(f);
     loop {
-        let Some(entry) = index.get(&key, guard) else {
-            index.insert_with(key, &make, guard);
-            continue;
-        };
-        match entry.value().state().enter() {
-            Ok(first) => return (entry, first),
-            Err(_) => {
-                // Closed: its closer is about to unlink it; help, then retry
-                // into a fresh head.
-                entry.remove();
-                crate::sync::spin_hint();
+        if let Some(entry) = index.get(&key, guard) {
+            match entry.value().state().enter() {
+                Ok(first) => return f.take().expect("f runs once")(entry.value(), first),
+                Err(_) => {
+                    // Closed: its closer is about to unlink it; help, then
+                    // retry into a fresh head.
+                    entry.remove();
+                    crate::sync::spin_hint();
+                    continue;
+                }
             }
+        }
+        let done = index.upsert(
+            key,
+            &make,
+            |h| match h.state().enter() {
+                Ok(first) => (Some(f.take().expect("f runs once")(h, first)), false),
+                // Closed (a head inserted, run and retired since the
+                // `get`): unlink it and retry.
+                Err(_) => (None, true),
+            },
+            guard,
+        );
+        match done {
+            Some(r) => return r,
+            None => crate::sync::spin_hint(),
         }
     }
 }
@@ -87,50 +108,74 @@ mod tests {
     #[test]
     fn enter_creates_once_and_reports_first() {
         let idx = MockMap::<u64, H>::new();
-        let (e, first) = enter(&idx, 7, fresh, &());
+        let first = enter(
+            &idx,
+            7,
+            fresh,
+            |h, first| {
+                h.state().exit();
+                first
+            },
+            &(),
+        );
         assert!(first);
-        e.value().state().exit();
-        let (e2, first2) = enter(&idx, 7, fresh, &());
+        let e = idx.get(&7, &()).unwrap();
+        let first2 = enter(
+            &idx,
+            7,
+            fresh,
+            |h, first| {
+                h.state().exit();
+                first
+            },
+            &(),
+        );
         assert!(!first2);
-        assert!(e.same_node(&e2));
-        e2.value().state().exit();
+        assert!(e.same_node(&idx.get(&7, &()).unwrap()));
         assert_eq!(idx.len(), 1);
     }
 
     #[test]
     fn closed_head_is_unlinked_and_replaced() {
         let idx = MockMap::<u64, H>::new();
-        let (e, _) = enter(&idx, 7, fresh, &());
+        enter(&idx, 7, fresh, |h, _| h.count.fetch_add(1, Ordering::Relaxed), &());
+        let e = idx.get(&7, &()).unwrap();
         let h = e.value();
-        h.count.fetch_add(1, Ordering::Relaxed);
         h.state().exit();
         assert!(h.state().try_claim());
         assert!(!retire(&e, h.state().load() | (1 << 3)), "a word with an adder never closes");
         h.count.store(0, Ordering::Relaxed);
         let w0 = h.state().load();
         // An adder comes and goes after w0: the close must fail.
-        let (e2, _) = enter(&idx, 7, fresh, &());
-        e2.value().state().exit();
+        enter(&idx, 7, fresh, |h, _| h.state().exit(), &());
         assert!(!retire(&e, w0));
         let w1 = h.state().load();
         assert!(retire(&e, w1));
         assert!(idx.is_empty(), "retire unlinks");
         assert!(!e.remove(), "unlink is by node identity, once");
         // A stale entry to the closed node: the next adder gets a new head.
-        let (e3, first) = enter(&idx, 7, fresh, &());
+        let (first, w) = enter(
+            &idx,
+            7,
+            fresh,
+            |h, first| {
+                let w = h.state().load();
+                h.state().exit();
+                (first, w)
+            },
+            &(),
+        );
         assert!(first);
-        assert_eq!(e3.value().state().load() & CLOSED, 0);
-        e3.value().state().exit();
+        assert_eq!(w & CLOSED, 0);
     }
 
     #[test]
     fn unlink_never_removes_a_newer_node() {
         let idx = MockMap::<u64, H>::new();
-        let (old, _) = enter(&idx, 9, fresh, &());
-        old.value().state().exit();
+        enter(&idx, 9, fresh, |h, _| h.state().exit(), &());
+        let old = idx.get(&9, &()).unwrap();
         assert!(old.remove());
-        let (new, _) = enter(&idx, 9, fresh, &());
-        new.value().state().exit();
+        enter(&idx, 9, fresh, |h, _| h.state().exit(), &());
         assert!(!old.remove());
         assert_eq!(idx.len(), 1);
     }

@@ -31,6 +31,7 @@ mod counters;
 mod epoch;
 pub(crate) mod head;
 pub(crate) mod index;
+mod inline;
 mod op_slot;
 mod retire_seq;
 pub(crate) mod root;

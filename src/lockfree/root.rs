@@ -84,14 +84,6 @@ impl<S: Stores> Engine<S> {
         self.stores.pin()
     }
 
-    /// Find the head for `upd.bytenr` or insert a fresh one, and enter it as
-    /// an adder (hazard 1; the protocol is `index::enter`).
-    fn enter_head<'g>(&'g self, upd: &HeadUpdate, guard: &'g S::Guard) -> (HeadEntry<'g, S>, bool) {
-        // The constructor may run and be discarded (BRIEF §4): no side effects.
-        let make = || Head::new(upd.num_bytes, upd.is_data, upd.is_system, upd.reserved);
-        index::enter(&self.heads, upd.bytenr, make, guard)
-    }
-
     /// The add path (spec §3.1-§3.8): head update (§3.6) and node change (§3.7).
     fn add_inner(
         &self,
@@ -100,10 +92,37 @@ impl<S: Stores> Engine<S> {
         node: Option<(NodeKey, Action, u8)>,
         rec: Option<QgroupRecord>,
     ) -> Result<AddOutcome> {
-        let g = *self.fs.reserves.geometry();
         let guard = self.pin();
-        let (entry, first) = self.enter_head(&upd, &guard);
-        let head = entry.value();
+        // The constructor may run and be discarded (BRIEF §4): no side
+        // effects. A new head is built with this add's node inline.
+        let first_node = node.map(|(key, _, level)| (key, level));
+        let make = || Head::new(upd.num_bytes, upd.is_data, upd.is_system, upd.reserved, first_node);
+        let out = index::enter(
+            &self.heads,
+            upd.bytenr,
+            make,
+            |head, first| self.add_entered(trans, head, first, &upd, node, rec, &guard),
+            &guard,
+        );
+        drop(guard);
+        // §3.20.3, after publishing (spec §5.12: size may wrap meanwhile).
+        self.fs.reserves.update_delayed_refs_rsv(trans);
+        out
+    }
+
+    /// The add path inside the head (entered as an adder; leaves it).
+    #[allow(clippy::too_many_arguments)]
+    fn add_entered(
+        &self,
+        trans: &mut TransHandle,
+        head: &Head,
+        first: bool,
+        upd: &HeadUpdate,
+        node: Option<(NodeKey, Action, u8)>,
+        rec: Option<QgroupRecord>,
+        guard: &S::Guard,
+    ) -> Result<AddOutcome> {
+        let g = *self.fs.reserves.geometry();
         if first {
             // Head-creation accounting (§3.5 step 4), done by the first adder
             // inside the state word, so no runner can retire it before.
@@ -158,12 +177,16 @@ impl<S: Stores> Engine<S> {
         let mut became_add = None;
         if let Some((key, action, level)) = node {
             let delta = if action == Action::Add { 1 } else { -1 };
-            match head.change_node(&self.nodes, key, delta, level, &guard) {
+            let (t, unlinked, inline) = head.change_node(&self.nodes, key, delta, level, guard);
+            if unlinked {
+                self.counters.retired.add(1);
+            }
+            match t {
                 Transition::Created => {
                     self.counters.num_entries.add(1);
                     trans.delayed_ref_updates += 1;
                     if delta > 0 {
-                        became_add = Some(key);
+                        became_add = Some((key, inline));
                     }
                 }
                 Transition::Merged => out.merged = true,
@@ -179,13 +202,9 @@ impl<S: Stores> Engine<S> {
             // A runner that claimed the head before this exit may be past
             // this key in its add scan: leave it a late-ADD marker (module
             // `head`, adds before drops).
-            Some(key) => head.exit_noting_late_add(&self.nodes, key, &guard),
+            Some((key, inline)) => head.exit_noting_late_add(&self.nodes, key, inline, guard),
             None => head.exit(),
         }
-        drop(entry);
-        drop(guard);
-        // §3.20.3, after publishing (spec §5.12: size may wrap meanwhile).
-        self.fs.reserves.update_delayed_refs_rsv(trans);
         Ok(out)
     }
 
@@ -391,7 +410,7 @@ impl<S: Stores> Engine<S> {
         }
         self.counters.num_heads_ready.add(-1);
         for node in head.nodes(&self.nodes, &guard) {
-            let v = super::count::take_all(&node.value().count);
+            let v = node.take_all();
             if v != 0 {
                 head.take_ref_mod(v);
                 self.counters.num_entries.add(-1);

@@ -22,7 +22,7 @@
 #![forbid(unsafe_code)]
 
 use super::count::{self, Transition};
-use super::head::{Head, NodeEntry, RefNode};
+use super::head::{Head, HeadNode};
 use super::root::Engine;
 use super::state::adders;
 use super::store::{HeadEntry, MapEntry, OrderedMap, Stores};
@@ -35,7 +35,7 @@ use crate::extent_tree::{ExtentTree, RefRun};
 use crate::sync::Ordering;
 
 /// An entry of the engine's node map.
-type Node<'g, S> = NodeEntry<'g, <S as Stores>::Nodes>;
+type Node<'g, S> = HeadNode<'g, <S as Stores>::Nodes>;
 
 /// A head held by this runner's claim, with its bytenr (the index key: the
 /// head does not store it).
@@ -101,15 +101,15 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
     backend: &B,
     guard: &S::Guard,
     head: &Claimed<'_>,
-    key: NodeKey,
-    node: &RefNode,
+    node: &Node<'_, S>,
     want_add: bool,
     late_seen: Option<u64>,
     stats: &mut RunStats,
 ) -> Result<Take> {
     let g = *refs.fs.reserves.geometry();
+    let key = node.key();
     loop {
-        let v = count::peek(&node.count);
+        let v = node.peek();
         if v == 0 || (v > 0) != want_add {
             return Ok(Take::Nothing);
         }
@@ -131,7 +131,7 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
         }
         // Readers retry from here until the window drops (docs/protocols.md §f).
         let window = head.open_apply_window();
-        if !count::try_take(&node.count, v) {
+        if !node.try_take(v) {
             drop(window);
             continue;
         }
@@ -148,7 +148,7 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
             num_bytes,
             is_data: head.is_data(),
             key: key.key,
-            level: node.level,
+            level: node.level(),
             action,
             ref_mod: v.unsigned_abs(),
             insert_reserved: mir,
@@ -160,7 +160,11 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
             // Put everything back: nothing queued may be lost.
             // Through change_node: an adder may have killed the emptied
             // node meanwhile (re-allocation at another level).
-            match head.change_node(&refs.nodes, key, v, node.level, guard) {
+            let (t, unlinked, _) = head.change_node(&refs.nodes, key, v, node.level(), guard);
+            if unlinked {
+                refs.counters.retired.add(1);
+            }
+            match t {
                 Transition::Created => refs.counters.num_entries.add(1),
                 Transition::Merged => {
                     refs.fs.reserves.delayed_refs_rsv_release(1, 0);
@@ -183,7 +187,7 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
         }
         // The even value publishes the applied state to readers.
         drop(window);
-        crate::trace_ref!(run, head.bytenr, num_bytes, action, key, node.level, v.unsigned_abs());
+        crate::trace_ref!(run, head.bytenr, num_bytes, action, key, node.level(), v.unsigned_abs());
         refs.fs.reserves.delayed_refs_rsv_release(1, 0);
         stats.refs += 1;
         stats.bytes_released += g.delayed_ref_bytes(1);
@@ -223,7 +227,7 @@ fn visit<S: Stores, B: ExtentTree + ?Sized>(
     late_seen: Option<u64>,
     stats: &mut RunStats,
 ) -> Result<Visit> {
-    match take_and_run(refs, backend, guard, head, n.key().key, n.value(), want_add, late_seen, stats) {
+    match take_and_run(refs, backend, guard, head, n, want_add, late_seen, stats) {
         Ok(Take::LateAdds) => Ok(Visit::LateAdds),
         Ok(Take::Nothing) => {
             kill_if_zero(refs, n);
@@ -258,46 +262,61 @@ fn run_late_adds<S: Stores, B: ExtentTree + ?Sized>(
     }
     *seen = epoch;
     let mut ran = false;
-    for m in head.markers(&refs.nodes, guard) {
+    // The inline node has no marker: look at it on every move.
+    for key in head.head.inline_keys() {
+        if late_add(refs, backend, guard, head, key, stats)?.note(&mut ran) {
+            return Ok(Visit::HeldBack);
+        }
+    }
+    for m in head.markers(&refs.nodes, guard).into_iter().flatten() {
         // Consume the notes first, then look at the node: the adder changed
         // the node before noting, so the AcqRel take that reads its note
         // also sees its ADD. A note made after the take keeps the marker
         // alive through the kill below; its adder bumped `add_epoch` after
         // noting, so the next look comes back for it.
         count::take_all(&m.value().count);
-        let key = m.key().key;
-        let v = if head.is_data() {
-            match head.node(&refs.nodes, key, guard) {
-                Some(n) => visit(refs, backend, guard, head, &n, true, None, stats)?,
-                None => Visit::Nothing,
-            }
-        } else {
-            // Metadata: fold the ADD with its identity's other nodes first
-            // (a pending DROP of the same backref cancels it), then run the
-            // identity's oldest node if it is an ADD (`fold_identity`). An
-            // ADD left behind an older DROP that is held back stops the
-            // drops, as in the add scan (`visit_scanned`).
-            match visit_identity(refs, backend, guard, head, key.key, None, true, None, stats)? {
-                Visit::Nothing if head.node(&refs.nodes, key, guard).is_some_and(|n| held_add(refs, &n)) => {
-                    hold(refs, head, stats)
-                }
-                v => v,
-            }
-        };
-        if v.note(&mut ran) {
+        if late_add(refs, backend, guard, head, m.key().key, stats)?.note(&mut ran) {
             return Ok(Visit::HeldBack);
         }
-        kill_if_zero(refs, &m);
+        if count::try_kill(&m.value().count) && m.remove() {
+            refs.counters.retired.add(1);
+        }
     }
     Ok(if ran { Visit::Ran } else { Visit::Nothing })
+}
+
+/// Run the late ADD at `key`, if it is still there.
+fn late_add<'g, S: Stores, B: ExtentTree + ?Sized>(
+    refs: &'g Engine<S>,
+    backend: &B,
+    guard: &'g S::Guard,
+    head: &Claimed<'g>,
+    key: NodeKey,
+    stats: &mut RunStats,
+) -> Result<Visit> {
+    if head.is_data() {
+        return match head.head.node(&refs.nodes, key, guard) {
+            Some(n) => visit(refs, backend, guard, head, &n, true, None, stats),
+            None => Ok(Visit::Nothing),
+        };
+    }
+    // Metadata: fold the ADD with its identity's other nodes first (a
+    // pending DROP of the same backref cancels it), then run the
+    // identity's oldest node if it is an ADD (`fold_identity`). An ADD left
+    // behind an older DROP that is held back stops the drops, as in the
+    // add scan (`visit_scanned`).
+    match visit_identity(refs, backend, guard, head, key.key, true, None, stats)? {
+        Visit::Nothing if head.head.node(&refs.nodes, key, guard).is_some_and(|n| held_add(refs, &n)) => {
+            Ok(hold(refs, head, stats))
+        }
+        v => Ok(v),
+    }
 }
 
 /// Kill and unlink a node (or marker) that reads 0, so a head that stays busy does
 /// not keep every key it ever saw (module `count`).
 fn kill_if_zero<S: Stores>(refs: &Engine<S>, n: &Node<'_, S>) {
-    if count::try_kill(&n.value().count) {
-        // An adder that met the dead node may have unlinked it first.
-        n.remove();
+    if n.kill_if_zero() {
         refs.counters.retired.add(1);
     }
 }
@@ -311,12 +330,12 @@ type Group<'g, S> = Vec<Node<'g, S>>;
 /// blocker (invariant 13) and most identities reach the scans as one node.
 /// Nodes queued during the pass are folded per identity before any take
 /// (`fold_identity`).
-fn merge_pass<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, guard: &S::Guard) {
-    let mut groups: Vec<Group<'_, S>> = Vec::new();
-    for n in head.nodes(&refs.nodes, guard) {
-        if count::peek(&n.value().count) != 0 {
+fn merge_pass<'g, S: Stores>(refs: &'g Engine<S>, head: &Claimed<'g>, guard: &'g S::Guard) {
+    let mut groups: Vec<Group<'g, S>> = Vec::new();
+    for n in head.head.nodes(&refs.nodes, guard) {
+        if n.peek() != 0 {
             match groups.last_mut() {
-                Some(g) if comp_refs(&g[0].key().key, &n.key().key, false) == std::cmp::Ordering::Equal => g.push(n),
+                Some(g) if comp_refs(&g[0].key(), &n.key(), false) == std::cmp::Ordering::Equal => g.push(n),
                 _ => groups.push(vec![n]),
             }
         }
@@ -345,37 +364,19 @@ fn merge_pass<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, guard: &S::Guard)
 /// Later nodes of the identity wait: a later ADD is either folded by the
 /// next call or noted as a late ADD (module `head`), which calls this again.
 ///
-/// `start`, if given, must be the identity's first node, `(key, seq 0)`: it
-/// saves the search for it. A scan passes its entry only when that entry
-/// has seq 0; any other node may have a seq-0 node before it that gained
-/// an op after the scan passed (refs of roots that are not fs trees carry
-/// seq 0 whenever they are queued, and a `SharedBlock` key names no root).
-/// `None` searches from `(key, seq 0)`.
 fn fold_identity<'g, S: Stores>(
     refs: &'g Engine<S>,
-    head: &Claimed<'_>,
+    head: &Claimed<'g>,
     key: RefKey,
-    start: Option<&Node<'g, S>>,
     guard: &'g S::Guard,
 ) -> Option<Node<'g, S>> {
-    let start = match start {
-        Some(n) => n.clone(),
-        None => head.identity_nodes(&refs.nodes, key, guard).next()?,
-    };
-    let live = |n: &Node<'_, S>| count::peek(&n.value().count) != 0;
-    let mut it = identity_from::<S>(start.clone(), key).filter(live);
+    let live = |n: &Node<'_, S>| n.peek() != 0;
+    let mut it = head.head.identity_nodes(&refs.nodes, key, guard).filter(live);
     let first = it.next()?;
     let Some(second) = it.next() else { return Some(first) };
     let g: Group<'_, S> = [first, second].into_iter().chain(it).collect();
     fold_groups(refs, head, vec![g], guard);
-    identity_from::<S>(start, key).find(live)
-}
-
-/// The nodes of `start`'s head range and backref identity `key`, from `start` on.
-fn identity_from<S: Stores>(start: Node<'_, S>, key: RefKey) -> impl Iterator<Item = Node<'_, S>> {
-    let slot = start.key().slot;
-    std::iter::successors(Some(start), |n| n.next())
-        .take_while(move |n| n.key().slot == slot && n.key().key.key.cmp_identity(&key) == std::cmp::Ordering::Equal)
+    head.head.identity_nodes(&refs.nodes, key, guard).find(live)
 }
 
 /// Visit a metadata head's backref identity `key`: fold it, then take and
@@ -385,14 +386,13 @@ fn visit_identity<'g, S: Stores, B: ExtentTree + ?Sized>(
     refs: &'g Engine<S>,
     backend: &B,
     guard: &'g S::Guard,
-    head: &Claimed<'_>,
+    head: &Claimed<'g>,
     key: RefKey,
-    start: Option<&Node<'g, S>>,
     want_add: bool,
     late_seen: Option<u64>,
     stats: &mut RunStats,
 ) -> Result<Visit> {
-    match fold_identity(refs, head, key, start, guard) {
+    match fold_identity(refs, head, key, guard) {
         Some(n) => visit(refs, backend, guard, head, &n, want_add, late_seen, stats),
         None => Ok(Visit::Nothing),
     }
@@ -407,7 +407,7 @@ fn visit_scanned<'g, S: Stores, B: ExtentTree + ?Sized>(
     refs: &'g Engine<S>,
     backend: &B,
     guard: &'g S::Guard,
-    head: &Claimed<'_>,
+    head: &Claimed<'g>,
     n: &Node<'g, S>,
     want_add: bool,
     late_seen: Option<u64>,
@@ -417,11 +417,10 @@ fn visit_scanned<'g, S: Stores, B: ExtentTree + ?Sized>(
     if head.is_data() {
         return visit(refs, backend, guard, head, n, want_add, late_seen, stats);
     }
-    let key = n.key().key.key;
+    let key = n.key().key;
     let seen = last.is_some_and(|l| l.cmp_identity(&key) == std::cmp::Ordering::Equal);
-    if !seen && count::peek(&n.value().count) != 0 {
-        let start = (n.key().key.seq == 0).then_some(n);
-        let v = visit_identity(refs, backend, guard, head, key, start, want_add, late_seen, stats)?;
+    if !seen && n.peek() != 0 {
+        let v = visit_identity(refs, backend, guard, head, key, want_add, late_seen, stats)?;
         if v == Visit::LateAdds {
             return Ok(v);
         }
@@ -442,7 +441,7 @@ fn visit_scanned<'g, S: Stores, B: ExtentTree + ?Sized>(
 
 /// Whether `n` is a pending ADD that the seq barrier holds back.
 fn held_add<S: Stores>(refs: &Engine<S>, n: &Node<'_, S>) -> bool {
-    count::peek(&n.value().count) > 0 && refs.fs.seq.holds_back(n.key().key.seq)
+    n.peek() > 0 && refs.fs.seq.holds_back(n.key().seq)
 }
 
 /// Unselect a head held back by a seq blocker (spec §3.16.5).
@@ -460,11 +459,11 @@ fn fold_groups<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, mut groups: Vec<
     let seq = refs.fs.seq.lowest_seq();
     if seq != 0 {
         for g in &mut groups {
-            g.retain(|n| n.key().key.seq < seq);
+            g.retain(|n| n.key().seq < seq);
         }
     }
     for g in groups.into_iter().filter(|g| g.len() >= 2) {
-        let signed: Vec<i64> = g.iter().map(|n| count::peek(&n.value().count)).collect();
+        let signed: Vec<i64> = g.iter().map(|n| n.peek()).collect();
         // Everything cancelling (None) folds into the first node, which then drops.
         let s = merge_run(&signed).map_or(0, |(s, _)| s);
         let mut moved = 0i64;
@@ -472,7 +471,7 @@ fn fold_groups<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, mut groups: Vec<
             if i == s {
                 continue;
             }
-            let t = count::take_all(&n.value().count);
+            let t = n.take_all();
             if t != 0 {
                 moved += t;
                 refs.counters.num_entries.add(-1);
@@ -480,7 +479,11 @@ fn fold_groups<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, mut groups: Vec<
             }
         }
         let survivor = &g[s];
-        match head.change_node(&refs.nodes, survivor.key().key, moved, survivor.value().level, guard) {
+        let (t, unlinked, _) = head.change_node(&refs.nodes, survivor.key(), moved, survivor.level(), guard);
+        if unlinked {
+            refs.counters.retired.add(1);
+        }
+        match t {
             Transition::Created => {
                 refs.counters.num_entries.add(1);
                 refs.fs.reserves.grow_delayed_refs(refs.fs.reserves.geometry().delayed_ref_bytes(1), 0);
@@ -519,14 +522,14 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         // Add scan: every ADD whose adder left before the claim (or before
         // this pass) is in the range; later ones are marked.
         let mut last = None;
-        for n in head.nodes(&refs.nodes, guard) {
+        for n in head.head.nodes(&refs.nodes, guard) {
             if visit_scanned(refs, backend, guard, head, &n, true, None, &mut last, &mut stats)?.note(&mut ran) {
                 return Ok((HeadOutcome::HeldBack, stats));
             }
         }
         // Drop scan: before each drop, the ADDs marked since the last look.
         let mut last = None;
-        for n in head.nodes(&refs.nodes, guard) {
+        for n in head.head.nodes(&refs.nodes, guard) {
             loop {
                 if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran) {
                     return Ok((HeadOutcome::HeldBack, stats));

@@ -20,7 +20,7 @@
 //!   removed, for as long as the guard it came from lives;
 //! - `next` from a handle is the first entry with a greater key present at
 //!   the time of the call, whether or not the handle's node was removed;
-//! - `insert_with` and `upsert` may build a value and discard it (a
+//! - `upsert` may build a value and discard it (a
 //!   concurrent insert won): constructors have no side effects;
 //! - `remove` removes *that* node, never a newer node under the same key,
 //!   and says whether this call removed it.
@@ -63,11 +63,9 @@ pub(crate) trait OrderedMap<K, V>: Send + Sync {
     fn lower_bound<'g>(&'g self, key: &K, guard: &'g Self::Guard) -> Option<Self::Entry<'g>>;
     /// The first entry.
     fn front<'g>(&'g self, guard: &'g Self::Guard) -> Option<Self::Entry<'g>>;
-    /// Insert `make()` under `key` unless an entry is there; `make` may run
-    /// and its value be discarded.
-    fn insert_with(&self, key: K, make: impl FnOnce() -> V, guard: &Self::Guard);
-    /// Find or insert (as [`OrderedMap::insert_with`]) the entry under `key`
-    /// and call `f` on its value; if `f` says so, remove that entry.
+    /// Find the entry under `key`, or insert `make()` there (`make` may run
+    /// and its value be discarded when a concurrent insert wins), and call
+    /// `f` on its value; if `f` says so, remove that entry. One search.
     fn upsert<R>(&self, key: K, make: impl FnOnce() -> V, f: impl FnOnce(&V) -> (R, bool), guard: &Self::Guard) -> R;
     /// Whether the map has no entry.
     fn is_empty(&self) -> bool;
@@ -143,12 +141,6 @@ mod skiplist {
 
         fn front<'g>(&'g self, guard: &'g Guard) -> Option<Self::Entry<'g>> {
             SkipList::front(self, guard)
-        }
-
-        fn insert_with(&self, key: K, make: impl FnOnce() -> V, guard: &Guard) {
-            // The returned reference-counted entry is released at once: the
-            // caller re-reads through `get`, which needs no refcount.
-            self.get_or_insert_with(key, make, guard).release(guard);
         }
 
         fn upsert<R>(&self, key: K, make: impl FnOnce() -> V, f: impl FnOnce(&V) -> (R, bool), guard: &Guard) -> R {
@@ -300,13 +292,8 @@ pub(crate) mod mock {
             self.entry(v.iter().next())
         }
 
-        fn insert_with(&self, key: K, make: impl FnOnce() -> V, _: &()) {
-            // Built outside the lock, like the skiplist (which may discard it).
-            let fresh = Arc::new(make());
-            self.nodes.lock().unwrap().entry(key).or_insert(fresh);
-        }
-
         fn upsert<R>(&self, key: K, make: impl FnOnce() -> V, f: impl FnOnce(&V) -> (R, bool), _: &()) -> R {
+            // Built outside the lock, like the skiplist (which may discard it).
             let fresh = Arc::new(make());
             let node = self.nodes.lock().unwrap().entry(key.clone()).or_insert(fresh).clone();
             let (r, remove) = f(&node);
