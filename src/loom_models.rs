@@ -203,6 +203,61 @@ fn loom_engine_blocker_vs_merge_pass() {
     });
 }
 
+/// Same new key, two inserters (module `lockfree::inline`, uniqueness): a
+/// head holds ADD A inline; two adders queue ADD B, a key the head does
+/// not have, at once. Both search, both may claim a free slot, but only a
+/// publish from the membership word their search read succeeds: the head
+/// ends with one node of B, count 2. Mutation (fails): the publish CAS
+/// reads the membership word afresh instead of using the searched one.
+#[test]
+fn loom_engine_inline_same_new_key() {
+    engine_model(|| {
+        let (refs, tree) = (Arc::new(engine()), Arc::new(ModelTree::new()));
+        let (a, b) = (data(Action::Add, E, 1), data(Action::Add, E, 2));
+        tree.load(E, &[(key(&a), 1), (key(&b), 1)]);
+        add(&refs, &a);
+        let adder = {
+            let refs = refs.clone();
+            thread::spawn(move || add(&refs, &data(Action::Add, E, 2)))
+        };
+        add(&refs, &b);
+        adder.join().unwrap();
+        let snap = refs.find_head(E).expect("the head holds the ADDs");
+        let bs: Vec<_> = snap.nodes.iter().filter(|n| n.key.key == key(&b)).collect();
+        assert_eq!(bs.len(), 1, "key B is in two nodes: {snap:?}");
+        assert_eq!((bs[0].action, bs[0].ref_mod), (Action::Add, 2), "{snap:?}");
+        drain_and_check(&refs, &tree);
+        assert_eq!(tree.refs(E), 5);
+    });
+}
+
+/// Cancel vs re-add (module `lockfree::inline`, kill at zero): B holds one
+/// queued ADD inline; one adder queues DROP B (1 → 0: the node is killed
+/// and its slot freed) while another queues ADD B. The second ADD merges
+/// before the cancel, lands on 0 before the kill (the kill's CAS then
+/// fails), or goes into a fresh node after it; it is never lost in a freed
+/// slot. Mutation (fails): the kill stores DEAD unconditionally instead of
+/// a CAS from `LIVE(g, 0)`.
+#[test]
+fn loom_engine_inline_cancel_vs_readd() {
+    engine_model(|| {
+        let (refs, tree) = (Arc::new(engine()), Arc::new(ModelTree::new()));
+        let (a, b) = (data(Action::Add, E, 1), data(Action::Add, E, 2));
+        tree.load(E, &[(key(&a), 1), (key(&b), 1)]);
+        add(&refs, &a);
+        add(&refs, &b);
+        let adder = {
+            let refs = refs.clone();
+            thread::spawn(move || add(&refs, &data(Action::Add, E, 2)))
+        };
+        add(&refs, &data(Action::Drop, E, 2));
+        adder.join().unwrap();
+        drain_and_check(&refs, &tree);
+        assert_eq!(tree.backrefs(E).unwrap().get(&key(&b)), Some(&2), "the re-ADD was lost or doubled");
+        assert_eq!(tree.refs(E), 4);
+    });
+}
+
 /// Kill vs add (module `count`): the runner kills a zero node while an adder
 /// changes it; an adder refused by a dead node retries into a fresh node
 /// (`fresh` stands for the node its retry inserts). Exactly one live count

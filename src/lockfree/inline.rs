@@ -1,6 +1,6 @@
 //! A head's inline nodes: up to [`SLOTS`] ref nodes stored in the head
 //! itself, so a small head's adds, runs and cancellations touch no shared
-//! index (docs/protocols.md §g, "Inline nodes").
+//! index (docs/protocols.md §j, "Inline nodes").
 //!
 //! # Implementation details
 //!
@@ -123,6 +123,11 @@ fn encode(k: NodeKey, level: u8) -> [u64; 5] {
     [k.key.ref_type() as u8 as u64 | (level as u64) << 8, a, b, c, k.seq]
 }
 
+/// Whether two encoded keys name the same key (the level is not part of it).
+fn same_key(a: &[u64; 5], b: &[u64; 5]) -> bool {
+    a[0] & 0xff == b[0] & 0xff && a[1..] == b[1..]
+}
+
 fn decode(w: [u64; 5]) -> Option<(NodeKey, u8)> {
     let key = RefKey::from_parts(w[0] as u8, [w[1], w[2], w[3]])?;
     Some((NodeKey { key, seq: w[4] }, (w[0] >> 8) as u8))
@@ -205,9 +210,16 @@ impl InlineSet {
         self.members() & SPILLED != 0
     }
 
-    /// Read slot `i`'s node if it is live; a published `CLAIMED` slot is
-    /// committed (`LIVE(g, 0)`) on its claimer's behalf first.
-    fn read(&self, i: usize) -> Option<InlineRef<'_>> {
+    /// Read slot `i`'s node if it is live (and holds `want`, if given); a
+    /// published `CLAIMED` slot is committed (`LIVE(g, 0)`) on its
+    /// claimer's behalf first.
+    ///
+    /// With `want`, a slot whose key words do not spell `want` is skipped
+    /// before the seqlock check: the key of a slot published in the
+    /// membership word the caller read cannot change while it stays
+    /// published, so a torn read means the slot was reused since, and the
+    /// caller's publish from that word fails anyway.
+    fn read(&self, i: usize, want: Option<&NodeKey>) -> Option<InlineRef<'_>> {
         let slot = &self.slots[i];
         // Acquire: pairs with the commit to LIVE (Release) or, for
         // CLAIMED, orders the membership load below after the claim.
@@ -220,6 +232,9 @@ impl InlineSet {
             return None;
         }
         let k = [0, 1, 2, 3, 4].map(|j| slot.key[j].load(Ordering::Relaxed));
+        if want.is_some_and(|w| !same_key(&encode(*w, 0), &k)) {
+            return None;
+        }
         // Acquire fence: if a key load read a later claimer's store, the
         // re-read below sees that claim (its Release fence), and the
         // generation differs.
@@ -254,7 +269,7 @@ impl InlineSet {
         let mut n = 0;
         for i in 0..SLOTS {
             if m & bit(i) != 0 {
-                if let Some(r) = self.read(i) {
+                if let Some(r) = self.read(i, None) {
                     nodes[n] = Some(r);
                     n += 1;
                 }
@@ -267,7 +282,7 @@ impl InlineSet {
     /// The live node of `key`, if it is inline.
     pub(crate) fn find(&self, key: &NodeKey) -> Option<InlineRef<'_>> {
         let m = self.members();
-        (0..SLOTS).filter(|&i| m & bit(i) != 0).filter_map(|i| self.read(i)).find(|r| r.key == *key)
+        (0..SLOTS).filter(|&i| m & bit(i) != 0).find_map(|i| self.read(i, Some(key)))
     }
 
     /// Apply `delta` to the node of `key` (level `level`), inserting it
@@ -286,10 +301,7 @@ impl InlineSet {
                     free |= bit(i);
                     continue;
                 }
-                let Some(n) = self.read(i) else { continue };
-                if n.key != key {
-                    continue;
-                }
+                let Some(n) = self.read(i, Some(&key)) else { continue };
                 if n.level != level && n.try_kill() {
                     continue 'search;
                 }
