@@ -5,7 +5,7 @@
 use crate::domain::key::RefKey;
 use crate::domain::kind::Action;
 
-/// Errors of the extent-tree backend (spec §3.16.6).
+/// Errors of the extent-tree backend (semantics.md §6.10).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExtentError {
@@ -33,7 +33,7 @@ pub enum ExtentError {
         /// The requested drop.
         drop: u64,
     },
-    /// A tree ref ran with `ref_mod != 1` (-EUCLEAN, spec §5.14).
+    /// A tree ref ran with `ref_mod != 1` (-EUCLEAN, semantics.md §11.14).
     #[error("extent {bytenr}: tree ref {key:?} with ref_mod {ref_mod} (must be 1)")]
     TreeRefMod {
         /// Extent start.
@@ -61,7 +61,7 @@ pub enum Error {
         /// Extent start.
         bytenr: u64,
     },
-    /// The ref's kind disagrees with the existing head (the kernel BUGs, §3.6 step 1).
+    /// The ref's kind disagrees with the existing head (the kernel BUGs, §4.6 step 1).
     #[error("extent {bytenr}: head is {}, ref is {}", if *.head_is_data { "data" } else { "metadata" }, if *.head_is_data { "metadata" } else { "data" })]
     DataMismatch {
         /// Extent start.
@@ -69,7 +69,7 @@ pub enum Error {
         /// Whether the existing head is a data head.
         head_is_data: bool,
     },
-    /// Reserved bytes were passed with a metadata ref (the kernel BUGs, §3.4 step 1).
+    /// Reserved bytes were passed with a metadata ref (the kernel BUGs, §4.4 step 1).
     #[error("extent {bytenr}: {reserved} reserved bytes on a metadata ref")]
     ReservedOnMetadata {
         /// Extent start.
@@ -87,7 +87,7 @@ pub enum Error {
         /// What else was wrong, if anything.
         what: &'static str,
     },
-    /// A runner found a tree ref whose merged count is not 1 (-EUCLEAN, §5.14).
+    /// A runner found a tree ref whose merged count is not 1 (-EUCLEAN, §11.14).
     /// The ref stays queued.
     #[error("extent {bytenr}: tree ref {key:?} has ref_mod {ref_mod} at run time")]
     TreeRefMod {

@@ -1,4 +1,4 @@
-//! The caller's description of one ref change (spec §1.2) and its builders.
+//! The caller's description of one ref change (semantics.md §2.1) and its builders.
 
 #![forbid(unsafe_code)]
 
@@ -26,7 +26,7 @@ pub enum RefPayload {
     },
 }
 
-/// One requested ref change (`struct btrfs_ref`, spec §1.2). Caller-owned,
+/// One requested ref change (`struct btrfs_ref`, semantics.md §2.1). Caller-owned,
 /// never stored by the structure.
 ///
 /// ```
@@ -102,7 +102,7 @@ impl GenericRef {
         }
     }
 
-    /// The backref identity this ref queues (type from `parent`, spec §1.1).
+    /// The backref identity this ref queues (type from `parent`, semantics.md §1.3).
     pub fn ref_key(&self) -> RefKey {
         let parent = self.parent;
         match (RefType::choose(self.is_data(), parent), self.payload) {
@@ -117,14 +117,14 @@ impl GenericRef {
     }
 
     /// The node identity at creation: fs-tree refs take the current
-    /// tree-mod-log seq, others 0 (spec §3.3).
+    /// tree-mod-log seq, others 0 (semantics.md §4.3).
     pub fn node_key(&self, current_seq: u64) -> NodeKey {
         let seq = if is_fstree(self.ref_root()) { current_seq } else { 0 };
         NodeKey { key: self.ref_key(), seq }
     }
 }
 
-/// `skip_qgroup` as computed by the init helpers (spec §1.2).
+/// `skip_qgroup` as computed by the init helpers (semantics.md §2.1).
 pub fn skip_qgroup(root: u64, mod_root: u64, skip: bool) -> bool {
     skip || !(is_fstree(root) && (mod_root == 0 || is_fstree(mod_root)))
 }

@@ -76,7 +76,7 @@ impl ImplChoice {
     }
 }
 
-/// The stress workloads (brief §5).
+/// The stress workloads (brief §11).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WorkloadKind {
     /// W1: adders on random bytenrs over `--heads` heads, ~4 refs per head, runners retiring heads.

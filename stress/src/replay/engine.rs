@@ -577,10 +577,10 @@ fn end_batch<D: DelayedRefs>(
             note(mismatches, format!("{at}: qgroup record for {b}: kernel {k:?} bytes, implementation {i:?} bytes"));
         }
     }
-    if batch.end != BatchEnd::Realloc
-        && let Err(e) = refs.fs().seq.reset()
-    {
-        note(errors, format!("{at}: {e}"));
+    if batch.end != BatchEnd::Realloc {
+        if let Err(e) = refs.fs().seq.reset() {
+            note(errors, format!("{at}: {e}"));
+        }
     }
 }
 
