@@ -316,7 +316,7 @@ pub trait DelayedRefs: Send + Sync + Sized {
     }
 }
 
-/// Validate a tree-ref add (semantics.md §4.1 pre, error contract).
+/// Validate a tree-ref add (semantics.md §4.1 step 1, §4.10).
 pub(crate) fn validate_tree_ref(gref: &GenericRef) -> Result<()> {
     if gref.num_bytes == 0 {
         return Err(Error::ZeroLength { bytenr: gref.bytenr });
@@ -327,10 +327,14 @@ pub(crate) fn validate_tree_ref(gref: &GenericRef) -> Result<()> {
     if gref.action == Action::UpdateHead {
         return Err(Error::BadAction { call: "add_tree_ref", action: gref.action, what: "(use add_extent_op)" });
     }
+    if crate::domain::builders::unfinished_tree_ref(gref) {
+        // `GenericRef::new` without `.tree()`: a tree block ref of root 0.
+        return Err(Error::MissingRoot { bytenr: gref.bytenr });
+    }
     Ok(())
 }
 
-/// Validate a data-ref add (semantics.md §4.2 pre, §4.4 step 1, error contract).
+/// Validate a data-ref add (semantics.md §4.10, §4.4 step 1).
 pub(crate) fn validate_data_ref(gref: &GenericRef, reserved: u64) -> Result<()> {
     if gref.num_bytes == 0 {
         return Err(Error::ZeroLength { bytenr: gref.bytenr });

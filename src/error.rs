@@ -87,6 +87,28 @@ pub enum Error {
         /// What else was wrong, if anything.
         what: &'static str,
     },
+    /// A tree block or extent data ref without a referencing root (root 0):
+    /// also what [`GenericRef::new`](crate::GenericRef::new) leaves when
+    /// [`.tree()`](crate::GenericRef::tree) is forgotten (semantics.md §4.10).
+    #[error("extent {bytenr}: the ref has no referencing root (root 0; was .tree() or .data() forgotten?)")]
+    MissingRoot {
+        /// Extent start.
+        bytenr: u64,
+    },
+    /// A shared (block or data) ref built with parent 0.
+    #[error("extent {bytenr}: a shared ref needs a non-zero parent")]
+    MissingParent {
+        /// Extent start.
+        bytenr: u64,
+    },
+    /// A tree block level at or above the maximum tree height (8).
+    #[error("extent {bytenr}: tree level {level} (levels are 0 to 7)")]
+    BadLevel {
+        /// Extent start.
+        bytenr: u64,
+        /// The level passed.
+        level: u8,
+    },
     /// A runner found a tree ref whose merged count is not 1 (-EUCLEAN, §11.14).
     /// The ref stays queued.
     #[error("extent {bytenr}: tree ref {key:?} has ref_mod {ref_mod} at run time")]

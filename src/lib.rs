@@ -70,6 +70,7 @@ pub use api::{
     AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsConfig, FsShared, HeadOutcome, HeadSnapshot,
     NodeSnapshot, RunMode, RunStats,
 };
+pub use domain::builders::{DataRef, Qgroup, SharedBlockRef, SharedDataRef, TreeRef};
 pub use domain::extent_op::{DiskKey, ExtentOp};
 pub use domain::generic_ref::{GenericRef, RefPayload, skip_qgroup};
 pub use domain::geometry::Geometry;

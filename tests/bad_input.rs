@@ -107,6 +107,15 @@ fn bad_actions_and_payloads<D: DelayedRefs>() {
         ));
     }
     unchanged(&refs, &before, &h, "UpdateHead as a ref");
+    // `GenericRef::new` without `.tree()`/`.data()`: a keyed tree ref of
+    // root 0, refused by both entry points (semantics.md §4.10).
+    let unfinished = GenericRef::new(Action::Add, X, TREE_NB, 0, 5);
+    assert_eq!(refs.add_tree_ref(&mut h, &unfinished, None), Err(Error::MissingRoot { bytenr: X }));
+    assert!(matches!(
+        refs.add_data_ref(&mut h, &unfinished, 0),
+        Err(Error::BadAction { call: "add_data_ref", action: Action::Add, .. })
+    ));
+    unchanged(&refs, &before, &h, "unfinished generic ref");
 }
 
 /// A tree ref whose merged count is not 1 at run time (§11.14, invariant 14:
