@@ -61,7 +61,7 @@
 
 #![forbid(unsafe_code)]
 
-use super::generic_ref::{GenericRef, RefPayload, skip_qgroup};
+use super::generic_ref::{GenericRef, RefPayload};
 use super::geometry::MAX_LEVEL;
 use super::kind::Action;
 use crate::error::{Error, Result};
@@ -71,7 +71,7 @@ use crate::error::{Error, Result};
 ///
 /// A ref creates a qgroup extent record (when full accounting is on) unless
 /// `skip` is set, its root is not an fs tree, or `mod_root` is set and is
-/// not an fs tree (semantics.md §2.1; [`skip_qgroup`]).
+/// not an fs tree (semantics.md §2.1; [`skip_qgroup`](super::generic_ref::skip_qgroup)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Qgroup {
     /// The root whose change caused this ref (relocation passes the
