@@ -83,20 +83,20 @@ def rewrite(text, mapping, in_docs, unknown):
         return out
 
     # Names of notes that do not ship.
-    text, n = re.subn(r"BRIEF\s+§\s*3\b", "\0HAZARDS\0", text)
+    text, n = re.subn(r"(?i:BRIEF)\s+§\s*3\b", "\0HAZARDS\0", text)
     count += n
     # The other design-note sections: crossbeam-skiplist's sharp edges (now
     # protocols.md §g, "The crossbeam-skiplist 0.1.3 rules") and the
     # benchmark workloads (defined in docs/benchmarks.md).
-    text, n = re.subn(r"The rules from BRIEF\s+§\s*4\b", "The crossbeam-skiplist 0.1.3 rules", text)
+    text, n = re.subn(r"The rules from (?i:BRIEF)\s+§\s*4\b", "The crossbeam-skiplist 0.1.3 rules", text)
     count += n
-    text, n = re.subn(r"BRIEF\s+§\s*4\b", "\0SKIPLIST\0", text)
+    text, n = re.subn(r"(?i:BRIEF)\s+§\s*4\b", "\0SKIPLIST\0", text)
     count += n
-    text, n = re.subn(r"\s*\(BRIEF\s+§\s*5\)", "", text)
+    text, n = re.subn(r"\s*\((?i:BRIEF)\s+§\s*5\)", "", text)
     count += n
-    text, n = re.subn(r"(?:the\s+)?BRIEF\s+§\s*5\s+workloads", "the W1-W4 workloads (docs/benchmarks.md)", text)
+    text, n = re.subn(r"(?:the\s+)?(?i:BRIEF)\s+§\s*5\s+workloads", "the W1-W4 workloads (docs/benchmarks.md)", text)
     count += n
-    text, n = re.subn(r"BRIEF\s+(hazards?)", r"\1", text)
+    text, n = re.subn(r"(?i:BRIEF)\s+(hazards?)", r"\1", text)
     count += n
     text, n = re.subn(r"VERIFY(?:\.md)?\s+(tiers?)\s+(T\d+\w?(?:(?:,\s*|\s*(?:and|/)\s*)T\d+\w?)*)",
                       r"\1 \2 (README.md, \"Verification\")", text)

@@ -137,7 +137,11 @@ pub enum Error {
         wanted: u64,
     },
     /// The backend refused a run; the ref was put back on its head.
-    #[error("running extent {bytenr}: {source}")]
+    ///
+    /// The message names the extent only; the backend's reason is the
+    /// error's [`source`](std::error::Error::source), so that a reporter
+    /// that prints the chain shows it once.
+    #[error("the extent-tree backend refused a ref of extent {bytenr}")]
     Backend {
         /// Extent start.
         bytenr: u64,
