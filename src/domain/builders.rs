@@ -20,7 +20,7 @@
 //! the crate's [`Error`] variants, the same that the add calls return.
 //!
 //! ```
-//! use delayed_refs::{Action, DataRef, DelayedRefs, FsConfig, LockFreeRefs, MemExtentTree, Qgroup, RunMode,
+//! use delayed_refs::{Action, DataRef, DelayedRefs, ExtentTree, FsConfig, LockFreeRefs, MemExtentTree, Qgroup, RunMode,
 //!     TransHandle, TreeRef};
 //! let refs = LockFreeRefs::new(FsConfig::default());
 //! let tree = MemExtentTree::new();
