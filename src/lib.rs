@@ -19,6 +19,10 @@
 //!   would build instead of a lock-free structure, and the second baseline
 //!   the benchmarks report a ratio against.
 //!
+//! Refs are queued as [`GenericRef`]s (the kernel's shape); the typed
+//! builders [`TreeRef`], [`SharedBlockRef`], [`DataRef`] and
+//! [`SharedDataRef`] build them with every field named and checked.
+//!
 //! Section numbers (`§4.6`) refer to `docs/semantics.md` in the package, the
 //! semantics the crate implements; `§` with a letter (`§c`) is a section of
 //! `docs/protocols.md`, the concurrent protocols of the lock-free
