@@ -1,5 +1,5 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
-//! criterion benches of the BRIEF §5 workloads, every implementation
+//! criterion benches of the W1-W4 workloads (docs/benchmarks.md), every implementation
 //! (`locked`, `sharded`: the locked port sharded by bytenr, `lockfree`) in
 //! every group, 1/2/4/8/16 threads, ratios from the same run
 //! (docs/benchmarks.md):
@@ -19,7 +19,7 @@
 //! - `late_adds`: one head with N queued drops, run by one thread whose
 //!   backend queues a new ADD on the same head at every drop, so each ADD
 //!   arrives while the runner is in its drop phase and must run before the
-//!   next drop (spec §2.3, §5.18), N = 1k/10k: per-ref time must not grow
+//!   next drop (semantics.md §3.3, §11.18), N = 1k/10k: per-ref time must not grow
 //!   like N (a runner that rescans the head for every late ADD is O(N²)).
 //!
 //! Throughput is reported per add (per ref for W2).

@@ -19,12 +19,12 @@ use crate::rsv::reserves::{FsReserves, ReserveConfig};
 pub struct FsConfig {
     /// Reserves and geometry.
     pub reserves: ReserveConfig,
-    /// Full qgroup accounting: adds create qgroup extent records (spec §3.21).
+    /// Full qgroup accounting: adds create qgroup extent records (semantics.md §9).
     pub qgroups: bool,
 }
 
 /// Fs-wide state shared by the delayed-ref roots of successive transactions:
-/// the reserves (spec §1.8) and the tree-mod-log seq tracker (§3.22).
+/// the reserves (semantics.md §2.7) and the tree-mod-log seq tracker (§5.3).
 #[derive(Debug)]
 pub struct FsShared<C> {
     /// The reserves.
@@ -42,7 +42,7 @@ impl<C: PairCell> FsShared<C> {
     }
 }
 
-/// How much a run does (spec §3.16.1).
+/// How much a run does (semantics.md §6.5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RunMode {
     /// `min_bytes == 0`: about as many heads as were ready at the start.
@@ -50,7 +50,7 @@ pub enum RunMode {
     /// Until the bytes-released estimate reaches this many bytes.
     Bytes(u64),
     /// `U64_MAX`: until the index is empty, including refs added meanwhile.
-    /// Spins while everything left is held back by a seq blocker (§5.15).
+    /// Spins while everything left is held back by a seq blocker (§11.15).
     All,
 }
 
@@ -67,7 +67,7 @@ pub struct RunStats {
     pub heads_deleted: u64,
     /// Times a head was unselected because of a seq blocker.
     pub held_back: u64,
-    /// The bytes-released estimate (`processed`, spec §3.16.1).
+    /// The bytes-released estimate (`processed`, semantics.md §6.5).
     pub bytes_released: u64,
 }
 
@@ -92,7 +92,7 @@ pub enum HeadOutcome {
     HeldBack,
 }
 
-/// Result of [`DelayedRefs::check_ref_cleanup`] (spec §3.18).
+/// Result of [`DelayedRefs::check_ref_cleanup`] (semantics.md §7.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CleanupOutcome {
     /// No head for the bytenr.
@@ -107,7 +107,7 @@ pub enum CleanupOutcome {
     },
 }
 
-/// What abort cleanup removed (spec §3.19).
+/// What abort cleanup removed (semantics.md §7.3).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DestroyStats {
     /// Heads removed.
@@ -118,7 +118,7 @@ pub struct DestroyStats {
     pub pinned_bytes: u64,
 }
 
-/// Root counters (spec §1.6, invariants 1-3, 20). Exact at quiescence; while
+/// Root counters (semantics.md §2.5, invariants 1-3, 20). Exact at quiescence; while
 /// threads work they are a racy sum and may be off by in-flight operations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Counters {
@@ -219,36 +219,36 @@ pub trait DelayedRefs: Send + Sync + Sized {
     /// The fs-wide state.
     fn fs(&self) -> &std::sync::Arc<FsShared<Self::Cell>>;
 
-    /// Queue a tree ref (`btrfs_add_delayed_tree_ref`, spec §3.1).
+    /// Queue a tree ref (`btrfs_add_delayed_tree_ref`, semantics.md §4.1).
     fn add_tree_ref(&self, trans: &mut TransHandle, gref: &GenericRef, op: Option<ExtentOp>) -> Result<AddOutcome>;
 
-    /// Queue a data ref (`btrfs_add_delayed_data_ref`, spec §3.2).
+    /// Queue a data ref (`btrfs_add_delayed_data_ref`, semantics.md §4.2).
     fn add_data_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64) -> Result<AddOutcome>;
 
-    /// Queue an extent op (`btrfs_add_delayed_extent_op`, spec §3.8).
+    /// Queue an extent op (`btrfs_add_delayed_extent_op`, semantics.md §4.8).
     fn add_extent_op(&self, trans: &mut TransHandle, bytenr: u64, num_bytes: u64, op: ExtentOp) -> Result<()>;
 
-    /// The indexed head for `bytenr` (spec §3.12).
+    /// The indexed head for `bytenr` (semantics.md §6.1).
     fn find_head(&self, bytenr: u64) -> Option<HeadSnapshot>;
 
     /// Select one head round-robin, run it and retire it or hold it back
-    /// (spec §3.13-3.16.7). `Ok(None)`: no unprocessed head.
+    /// (semantics.md §6.2-6.11). `Ok(None)`: no unprocessed head.
     fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>>;
 
-    /// Run delayed refs (`btrfs_run_delayed_refs`, spec §3.16.1).
+    /// Run delayed refs (`btrfs_run_delayed_refs`, semantics.md §6.5).
     fn run<B: ExtentTree + ?Sized>(&self, backend: &B, mode: RunMode) -> Result<RunStats>;
 
-    /// On-disk plus pending refcount and flags of one extent (spec §3.17),
+    /// On-disk plus pending refcount and flags of one extent (semantics.md §7.1),
     /// never observing a ref taken from its head but not yet applied.
     fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo>;
 
-    /// Fast cleanup of a just-allocated tree block (spec §3.18).
+    /// Fast cleanup of a just-allocated tree block (semantics.md §7.2).
     fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome;
 
-    /// Drop everything unrun on transaction abort (spec §3.19).
+    /// Drop everything unrun on transaction abort (semantics.md §7.3).
     fn destroy<B: ExtentTree + ?Sized>(&self, backend: &B) -> DestroyStats;
 
-    /// Root counters (spec §1.6). Exact at quiescence; while other threads
+    /// Root counters (semantics.md §2.5). Exact at quiescence; while other threads
     /// add or run, the lock-free root returns an approximation (each field
     /// clamped at zero), the locked port a value taken under its root lock.
     fn counters(&self) -> Counters;
@@ -278,13 +278,13 @@ pub trait DelayedRefs: Send + Sync + Sized {
     /// Harmless to call at any time; the next operation re-attaches.
     fn release_thread(&self) {}
 
-    /// The commit drain (spec §3.16.1 with `U64_MAX`, invariant 26): every
+    /// The commit drain (semantics.md §6.5 with `U64_MAX`, invariant 26): every
     /// thread of `pool` runs delayed refs until the index is empty, refs added
     /// meanwhile included, then detaches ([`release_thread`](Self::release_thread)).
     /// Returns the summed run figures, or the first error a runner hit.
     ///
     /// Like [`RunMode::All`] it waits while a seq blocker holds refs back
-    /// (§5.15): unregister blockers before draining.
+    /// (§11.15): unregister blockers before draining.
     ///
     /// ```
     /// use delayed_refs::{Action, DelayedRefs, FsConfig, GenericRef, LockFreeRefs, MemExtentTree, TransHandle};
@@ -316,7 +316,7 @@ pub trait DelayedRefs: Send + Sync + Sized {
     }
 }
 
-/// Validate a tree-ref add (spec §3.1 pre, error contract).
+/// Validate a tree-ref add (semantics.md §4.1 step 1, §4.10).
 pub(crate) fn validate_tree_ref(gref: &GenericRef) -> Result<()> {
     if gref.num_bytes == 0 {
         return Err(Error::ZeroLength { bytenr: gref.bytenr });
@@ -327,10 +327,14 @@ pub(crate) fn validate_tree_ref(gref: &GenericRef) -> Result<()> {
     if gref.action == Action::UpdateHead {
         return Err(Error::BadAction { call: "add_tree_ref", action: gref.action, what: "(use add_extent_op)" });
     }
+    if crate::domain::builders::unfinished_tree_ref(gref) {
+        // `GenericRef::new` without `.tree()`: a tree block ref of root 0.
+        return Err(Error::MissingRoot { bytenr: gref.bytenr });
+    }
     Ok(())
 }
 
-/// Validate a data-ref add (spec §3.2 pre, §3.4 step 1, error contract).
+/// Validate a data-ref add (semantics.md §4.10, §4.4 step 1).
 pub(crate) fn validate_data_ref(gref: &GenericRef, reserved: u64) -> Result<()> {
     if gref.num_bytes == 0 {
         return Err(Error::ZeroLength { bytenr: gref.bytenr });
@@ -347,7 +351,7 @@ pub(crate) fn validate_data_ref(gref: &GenericRef, reserved: u64) -> Result<()> 
     Ok(())
 }
 
-/// Validate an extent-op add (spec §3.8).
+/// Validate an extent-op add (semantics.md §4.8).
 pub(crate) fn validate_extent_op(bytenr: u64, num_bytes: u64) -> Result<()> {
     if num_bytes == 0 {
         return Err(Error::ZeroLength { bytenr });
@@ -355,7 +359,7 @@ pub(crate) fn validate_extent_op(bytenr: u64, num_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// The head-side inputs of one add call (spec §3.4 init / §3.6 merge), the
+/// The head-side inputs of one add call (semantics.md §4.4 init / §4.6 merge), the
 /// same for both implementations.
 pub(crate) struct HeadUpdate {
     pub bytenr: u64,
@@ -370,7 +374,7 @@ pub(crate) struct HeadUpdate {
 }
 
 impl HeadUpdate {
-    /// The update a tree or data ref makes (spec §3.1, §3.2).
+    /// The update a tree or data ref makes (semantics.md §4.1, §4.2).
     pub fn for_ref(gref: &GenericRef, reserved: u64, extent_op: Option<ExtentOp>) -> Self {
         let is_data = gref.is_data();
         HeadUpdate {
@@ -386,7 +390,7 @@ impl HeadUpdate {
         }
     }
 
-    /// The update `add_extent_op` makes (spec §3.8: UPDATE_DELAYED_HEAD).
+    /// The update `add_extent_op` makes (semantics.md §4.8: UPDATE_DELAYED_HEAD).
     pub fn for_extent_op(bytenr: u64, num_bytes: u64, op: ExtentOp) -> Self {
         HeadUpdate {
             bytenr,
@@ -402,13 +406,13 @@ impl HeadUpdate {
     }
 }
 
-/// The qgroup record an add inserts, if full accounting is on (spec §3.21).
+/// The qgroup record an add inserts, if full accounting is on (semantics.md §9).
 pub(crate) fn qgroup_record(qgroups: bool, gref: &GenericRef, reserved: u64) -> Option<QgroupRecord> {
     (qgroups && !gref.skip_qgroup).then(|| QgroupRecord::new(gref.bytenr, gref.num_bytes, gref.ref_root(), reserved))
 }
 
-/// The mode loop of `btrfs_run_delayed_refs` (spec §3.16.1) over an
-/// implementation's `run_one`; `ready` is the racy ready count (§5.8) and
+/// The mode loop of `btrfs_run_delayed_refs` (semantics.md §6.5) over an
+/// implementation's `run_one`; `ready` is the racy ready count (§11.8) and
 /// `is_empty` tells `All` when the index is empty.
 pub(crate) fn drive_run(
     mode: RunMode,
@@ -437,7 +441,7 @@ pub(crate) fn drive_run(
         RunMode::All => loop {
             match run_one()? {
                 Some(s) => stats.absorb(&s),
-                // Other runners hold what is left (or a seq blocker does, §5.15): wait.
+                // Other runners hold what is left (or a seq blocker does, §11.15): wait.
                 None if !is_empty() => crate::sync::yield_now(),
                 None => break,
             }

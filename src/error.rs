@@ -5,7 +5,7 @@
 use crate::domain::key::RefKey;
 use crate::domain::kind::Action;
 
-/// Errors of the extent-tree backend (spec §3.16.6).
+/// Errors of the extent-tree backend (semantics.md §6.10).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExtentError {
@@ -33,7 +33,7 @@ pub enum ExtentError {
         /// The requested drop.
         drop: u64,
     },
-    /// A tree ref ran with `ref_mod != 1` (-EUCLEAN, spec §5.14).
+    /// A tree ref ran with `ref_mod != 1` (-EUCLEAN, semantics.md §11.14).
     #[error("extent {bytenr}: tree ref {key:?} with ref_mod {ref_mod} (must be 1)")]
     TreeRefMod {
         /// Extent start.
@@ -61,7 +61,7 @@ pub enum Error {
         /// Extent start.
         bytenr: u64,
     },
-    /// The ref's kind disagrees with the existing head (the kernel BUGs, §3.6 step 1).
+    /// The ref's kind disagrees with the existing head (the kernel BUGs, §4.6 step 1).
     #[error("extent {bytenr}: head is {}, ref is {}", if *.head_is_data { "data" } else { "metadata" }, if *.head_is_data { "metadata" } else { "data" })]
     DataMismatch {
         /// Extent start.
@@ -69,7 +69,7 @@ pub enum Error {
         /// Whether the existing head is a data head.
         head_is_data: bool,
     },
-    /// Reserved bytes were passed with a metadata ref (the kernel BUGs, §3.4 step 1).
+    /// Reserved bytes were passed with a metadata ref (the kernel BUGs, §4.4 step 1).
     #[error("extent {bytenr}: {reserved} reserved bytes on a metadata ref")]
     ReservedOnMetadata {
         /// Extent start.
@@ -87,7 +87,29 @@ pub enum Error {
         /// What else was wrong, if anything.
         what: &'static str,
     },
-    /// A runner found a tree ref whose merged count is not 1 (-EUCLEAN, §5.14).
+    /// A tree block or extent data ref without a referencing root (root 0):
+    /// also what [`GenericRef::new`](crate::GenericRef::new) leaves when
+    /// [`.tree()`](crate::GenericRef::tree) is forgotten (semantics.md §4.10).
+    #[error("extent {bytenr}: the ref has no referencing root (root 0; was .tree() or .data() forgotten?)")]
+    MissingRoot {
+        /// Extent start.
+        bytenr: u64,
+    },
+    /// A shared (block or data) ref built with parent 0.
+    #[error("extent {bytenr}: a shared ref needs a non-zero parent")]
+    MissingParent {
+        /// Extent start.
+        bytenr: u64,
+    },
+    /// A tree block level at or above the maximum tree height (8).
+    #[error("extent {bytenr}: tree level {level} (levels are 0 to 7)")]
+    BadLevel {
+        /// Extent start.
+        bytenr: u64,
+        /// The level passed.
+        level: u8,
+    },
+    /// A runner found a tree ref whose merged count is not 1 (-EUCLEAN, §11.14).
     /// The ref stays queued.
     #[error("extent {bytenr}: tree ref {key:?} has ref_mod {ref_mod} at run time")]
     TreeRefMod {
@@ -115,7 +137,11 @@ pub enum Error {
         wanted: u64,
     },
     /// The backend refused a run; the ref was put back on its head.
-    #[error("running extent {bytenr}: {source}")]
+    ///
+    /// The message names the extent only; the backend's reason is the
+    /// error's [`source`](std::error::Error::source), so that a reporter
+    /// that prints the chain shows it once.
+    #[error("the extent-tree backend refused a ref of extent {bytenr}")]
     Backend {
         /// Extent start.
         bytenr: u64,

@@ -19,8 +19,15 @@
 //!   would build instead of a lock-free structure, and the second baseline
 //!   the benchmarks report a ratio against.
 //!
-//! Spec section numbers (`§3.6`) refer to `kernel-semantics.md`, which ships
-//! beside the project; docs/architecture.md maps modules to them.
+//! Refs are queued as [`GenericRef`]s (the kernel's shape); the typed
+//! builders [`TreeRef`], [`SharedBlockRef`], [`DataRef`] and
+//! [`SharedDataRef`] build them with every field named and checked.
+//!
+//! Section numbers (`§4.6`) refer to `docs/semantics.md` in the package, the
+//! semantics the crate implements; `§` with a letter (`§c`) is a section of
+//! `docs/protocols.md`, the concurrent protocols of the lock-free
+//! implementation. "Invariant *n*" is item *n* of semantics §10, `L1`…`L12`
+//! the kernel locks of its §13, "hazard *n*" its §14.*n*.
 //!
 //! ```
 //! use delayed_refs::{Action, DelayedRefs, ExtentTree, FsConfig, GenericRef, LockedRefs, MemExtentTree,
@@ -67,6 +74,7 @@ pub use api::{
     AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsConfig, FsShared, HeadOutcome, HeadSnapshot,
     NodeSnapshot, RunMode, RunStats,
 };
+pub use domain::builders::{DataRef, Qgroup, SharedBlockRef, SharedDataRef, TreeRef};
 pub use domain::extent_op::{DiskKey, ExtentOp};
 pub use domain::generic_ref::{GenericRef, RefPayload, skip_qgroup};
 pub use domain::geometry::Geometry;

@@ -58,7 +58,7 @@
 //!     added after the start are not run, except that inside one shard the
 //!     port's cursor may pick a newer head in place of an older one (the
 //!     port's own Ready has the same property on its one root, and so does
-//!     the kernel's, §3.16.1: the count is taken at the start). The
+//!     the kernel's, §6.5: the count is taken at the start). The
 //!     alternative, one budget equal to the sum spent in rotation, would
 //!     spend budget on shards whose heads were all added after the start
 //!     whenever another shard ran dry, so it was not taken.

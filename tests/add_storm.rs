@@ -1,28 +1,28 @@
-//! Multi-threaded add storms (spec §3.5-§3.8, invariants of §4).
+//! Multi-threaded add storms (semantics.md §4.5-§4.8, invariants of §10).
 //!
 //! Four threads queue 1,000,000 add calls in total with no runner active,
 //! then the queued state is checked against an oracle built from what every
 //! thread did (each thread records its own calls; the records are summed
 //! after the threads joined, which is valid because merges are commutative:
-//! a node's count is the signed sum of the calls on its key, §3.7, and a
+//! a node's count is the signed sum of the calls on its key, §4.7, and a
 //! head's `total_ref_mod` the sum of their count_mods, invariant 11).
 //!
 //! - `hot_storm`: every thread hammers the same few heads and keys. Data keys
 //!   get random adds and drops (each thread keeps its own net count per key
 //!   within ±3), so a node's signed count keeps flipping between ADD and
-//!   DROP through zero (drop-at-zero and re-creation, §3.7, §3.9); tree keys
+//!   DROP through zero (drop-at-zero and re-creation, §4.7, §4.9); tree keys
 //!   move between 0 and ±1 per thread, and extent ops from every thread merge
-//!   on the hot tree heads (§3.6 step 4). The extent items exist beforehand
+//!   on the hot tree heads (§4.6 step 4). The extent items exist beforehand
 //!   with enough backrefs that every final count is valid.
 //! - `spread_storm`: many heads. Half the calls hit one of 16,384 existing
 //!   data extents (shared by all threads, rarely the same key at once); the
 //!   other half allocate new extents per thread (`AddExtent` with reserved
-//!   bytes or with a flags op, must_insert_reserved, §3.4, §3.6 step 3), add
+//!   bytes or with a flags op, must_insert_reserved, §4.4, §4.6 step 3), add
 //!   and drop their backrefs, and sometimes cancel them (every ref dropped
-//!   again, §5.11b).
+//!   again, §11.11b).
 //!
 //! After the storm, for both implementations: the quiescent invariants of
-//! §4 (common `check_quiescent`), every head's nodes (key, seq, action,
+//! §10 (common `check_quiescent`), every head's nodes (key, seq, action,
 //! count, level) and head fields equal the oracle, the counters are exact
 //! (`num_heads`, `num_heads_ready`, `num_entries`, `pending_csums`,
 //! invariants 1-3, 20) and so is the delayed-refs reserve size (invariant 21).
@@ -107,7 +107,7 @@ impl<'a, D: DelayedRefs> Storm<'a, D> {
         }
     }
 
-    /// The handle, renewed every 64 calls (start/end transaction, §3.20.10).
+    /// The handle, renewed every 64 calls (start/end transaction, §8.10).
     fn handle(&mut self) -> &mut TransHandle {
         self.adds += 1;
         self.h.get(&self.refs.fs().reserves)
@@ -287,7 +287,7 @@ fn check_applied<D: DelayedRefs>(
         .collect();
     assert!(bad.is_empty(), "{name}: extent tree differs from the oracle:\n{}", bad.join("\n"));
     assert_eq!(got.len(), expect.len(), "{name}: no extra items");
-    assert_eq!(tree.pinned_bytes(), pinned, "{name}: cancelled allocations pinned (§3.16.7 step 4)");
+    assert_eq!(tree.pinned_bytes(), pinned, "{name}: cancelled allocations pinned (§6.11 step 4)");
     let rs = refs.fs().reserves.snapshot();
     assert_eq!(rs.space.may_use, may_use0, "{name}: every reserved byte returned: {rs:?}");
 }
@@ -463,7 +463,7 @@ fn spread_storm<D: DelayedRefs>() {
             let s = w.rng.gen_range(0..SLOTS);
             let Some(mut o) = slots[s] else {
                 // Allocate a new extent: data with reserved bytes, or a tree
-                // block with a flags op (§3.4, §5.14).
+                // block with a flags op (§4.4, §11.14).
                 let is_data = w.rng.gen_bool(0.5);
                 let o = Own { bytenr: next, is_data, counts: [1, 0, 0, 0] };
                 next += 1 << 20;

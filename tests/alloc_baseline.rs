@@ -1,6 +1,6 @@
 //! Exact allocation accounting: no leak and no double free of heads, nodes,
-//! extent ops and epoch garbage (spec §1.10 object lifetimes, §3.16.7 step 6,
-//! §3.19), measured with a counting global allocator (`stats_alloc`).
+//! extent ops and epoch garbage (semantics.md §2.9 object lifetimes, §6.11 step 6,
+//! §7.3), measured with a counting global allocator (`stats_alloc`).
 //!
 //! For each implementation:
 //!
@@ -19,7 +19,7 @@
 //!    exactly the baseline again;
 //! 5. drop the root: exactly the level before it was created;
 //! 6. the abort path: a new root, a round that leaves refs queued, then
-//!    `destroy()` (§3.19) and `reclaim()`: the baseline; drop: the level
+//!    `destroy()` (§7.3) and `reclaim()`: the baseline; drop: the level
 //!    before.
 //!
 //! The extent tree is kept out of the measurement: the backend is a

@@ -1,6 +1,6 @@
 //! Bad input gets a typed error and changes nothing already queued (the
-//! error contract of `src/error.rs`; spec §3.4 step 1, §3.6 step 1, §5.14,
-//! §3.16.6): every case compares `snapshot()`, `counters()`, the reserves and
+//! error contract of `src/error.rs`; semantics.md §4.4 step 1, §4.6 step 1, §11.14,
+//! §6.10): every case compares `snapshot()`, `counters()`, the reserves and
 //! the qgroup records before and after.
 //!
 //! Every test is generic over `D: DelayedRefs`; see `common::for_each_impl!`.
@@ -50,9 +50,9 @@ fn zero_length<D: DelayedRefs>() {
     }
 }
 
-/// Data/metadata mismatch with an existing head (§3.6 step 1: the kernel
+/// Data/metadata mismatch with an existing head (§4.6 step 1: the kernel
 /// BUGs), checked before anything changes, including the qgroup record a
-/// data ref with a reservation would otherwise absorb (§3.21).
+/// data ref with a reservation would otherwise absorb (§9).
 fn data_metadata_mismatch<D: DelayedRefs>() {
     let (refs, mut h) = populated::<D>();
     let before = observe(&refs);
@@ -67,14 +67,14 @@ fn data_metadata_mismatch<D: DelayedRefs>() {
     assert_eq!(
         refs.add_extent_op(&mut h, Y, DATA_NB, ExtentOp::set_flags(0x100, 0)),
         Err(Error::DataMismatch { bytenr: Y, head_is_data: true }),
-        "only metadata heads carry extent ops (§1.4, invariant 15)"
+        "only metadata heads carry extent ops (§2.3, invariant 15)"
     );
     unchanged(&refs, &before, &h, "extent op on a data head");
 }
 
-/// Reserved bytes with a metadata payload (§3.4 step 1), the wrong payload
+/// Reserved bytes with a metadata payload (§4.4 step 1), the wrong payload
 /// for the entry point, and `UpdateHead` passed as a ref (it only exists as
-/// an extent op, §1.1, §3.8).
+/// an extent op, §1.3, §4.8).
 fn bad_actions_and_payloads<D: DelayedRefs>() {
     let (refs, mut h) = populated::<D>();
     let before = observe(&refs);
@@ -107,9 +107,18 @@ fn bad_actions_and_payloads<D: DelayedRefs>() {
         ));
     }
     unchanged(&refs, &before, &h, "UpdateHead as a ref");
+    // `GenericRef::new` without `.tree()`/`.data()`: a keyed tree ref of
+    // root 0, refused by both entry points (semantics.md §4.10).
+    let unfinished = GenericRef::new(Action::Add, X, TREE_NB, 0, 5);
+    assert_eq!(refs.add_tree_ref(&mut h, &unfinished, None), Err(Error::MissingRoot { bytenr: X }));
+    assert!(matches!(
+        refs.add_data_ref(&mut h, &unfinished, 0),
+        Err(Error::BadAction { call: "add_data_ref", action: Action::Add, .. })
+    ));
+    unchanged(&refs, &before, &h, "unfinished generic ref");
 }
 
-/// A tree ref whose merged count is not 1 at run time (§5.14, invariant 14:
+/// A tree ref whose merged count is not 1 at run time (§11.14, invariant 14:
 /// -EUCLEAN): `run` and `run_one` fail with `TreeRefMod` and the node stays
 /// queued with its count, the head unselected.
 fn tree_ref_mod_at_run<D: DelayedRefs>() {
@@ -133,7 +142,7 @@ fn tree_ref_mod_at_run<D: DelayedRefs>() {
     check_empty(&refs);
 }
 
-/// Reservation underflow is a typed error that changes nothing (§3.20).
+/// Reservation underflow is a typed error that changes nothing (§8).
 fn reservation_underflow<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
     let r = &refs.fs().reserves;
@@ -160,7 +169,7 @@ fn reservation_underflow<D: DelayedRefs>() {
 /// A backend error (a drop of an extent with no item, an insert of an item
 /// that exists, an extent op on a missing item) is `Error::Backend` and puts
 /// everything back: the ref, must_insert_reserved and the extent op stay
-/// queued (§3.16.6; error contract). Fixing the tree lets the run finish.
+/// queued (§6.10; error contract). Fixing the tree lets the run finish.
 fn backend_error_keeps_refs<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
     let tree = MemExtentTree::new();

@@ -1,8 +1,8 @@
-//! Property tests of the node order (spec §2.1): `comp_refs` and `Ord for
+//! Property tests of the node order (semantics.md §3.1): `comp_refs` and `Ord for
 //! NodeKey` must be a total order (antisymmetric, transitive), agree with
 //! `==`, ignore the seq when `check_seq == false`, and order the types
 //! 176 < 178 < 182 < 184 with unsigned fields. A sign slip in the kernel's
-//! comparator (spec §5.2, Linux 6.10-6.12) broke antisymmetry and aborted
+//! comparator (semantics.md §11.2, Linux 6.10-6.12) broke antisymmetry and aborted
 //! transactions; these properties would have caught it.
 //!
 //! The comparator lives in the shared domain model, so these tests are not
@@ -35,7 +35,7 @@ fn node_key() -> impl Strategy<Value = NodeKey> {
     (ref_key(), field()).prop_map(|(key, seq)| NodeKey { key, seq })
 }
 
-/// An independent model of §2.1: (type code, type fields in order, seq),
+/// An independent model of §3.1: (type code, type fields in order, seq),
 /// compared lexicographically as unsigned integers.
 fn model(k: &NodeKey, check_seq: bool) -> (u8, u64, u64, u64, u64) {
     let seq = if check_seq { k.seq } else { 0 };
@@ -103,7 +103,7 @@ proptest! {
     }
 
     /// `Ord for NodeKey` is `comp_refs(.., check_seq = true)`; `Ord for RefKey`
-    /// is `comp_refs(.., false)`; both match the independent model of §2.1.
+    /// is `comp_refs(.., false)`; both match the independent model of §3.1.
     #[test]
     fn matches_model(a in node_key(), b in node_key()) {
         prop_assert_eq!(a.cmp(&b), comp_refs(&a, &b, true));
@@ -128,7 +128,7 @@ proptest! {
         }
     }
 
-    /// Type order 176 < 178 < 182 < 184 dominates every field (§2.1 step 1).
+    /// Type order 176 < 178 < 182 < 184 dominates every field (§3.1 step 1).
     #[test]
     fn type_dominates_fields(a in node_key(), b in node_key()) {
         let (ta, tb) = (type_code(&a.key), type_code(&b.key));
@@ -157,7 +157,7 @@ proptest! {
     }
 }
 
-/// The fixed type codes and their order (§1.1, §2.1).
+/// The fixed type codes and their order (§1.3, §3.1).
 #[test]
 fn type_codes_and_order() {
     assert_eq!(RefType::TreeBlock as u8, 176);
@@ -181,7 +181,7 @@ fn type_codes_and_order() {
     }
 }
 
-/// Fields compare unsigned and in the documented order (§2.1 step 2):
+/// Fields compare unsigned and in the documented order (§3.1 step 2):
 /// EXTENT_DATA by root, then objectid, then offset.
 #[test]
 fn fields_unsigned_and_ordered() {

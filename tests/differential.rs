@@ -7,11 +7,11 @@
 //! own fs state (reserves, seq tracker), its own `MemExtentTree` and its own
 //! transaction handle. Operations: tree refs and data refs (adds, drops,
 //! `AddExtent` with must_insert_reserved and reserved bytes, re-allocation of
-//! a cancelled allocation, spec §3.1, §3.2, §3.6 step 3, §5.11), extent ops
-//! (§3.8), `run_one`, `run(Ready)`, `run(Bytes)`, `run(All)` (§3.16.1),
-//! `check_ref_cleanup` (§3.18), `destroy` (§3.19), tree-mod-log blockers
-//! registered and dropped plus seq bumps (§3.22), handle renewal through
-//! `start_transaction`/`end_transaction` (§3.20.10), and calls with bad
+//! a cancelled allocation, semantics.md §4.1, §4.2, §4.6 step 3, §11.11), extent ops
+//! (§4.8), `run_one`, `run(Ready)`, `run(Bytes)`, `run(All)` (§6.5),
+//! `check_ref_cleanup` (§7.2), `destroy` (§7.3), tree-mod-log blockers
+//! registered and dropped plus seq bumps (§5.3), handle renewal through
+//! `start_transaction`/`end_transaction` (§8.10), and calls with bad
 //! input, which must fail with the same typed error on both sides and
 //! change nothing.
 //!
@@ -19,7 +19,7 @@
 //! models the true count (disk plus queued) of every backref, drops only what
 //! exists, starts an extent with `AddExtent` only when it has no refs and no
 //! item in either tree, and keeps tree backrefs at 0 or 1 (so a tree ref
-//! never runs with a count other than 1, §5.14).
+//! never runs with a count other than 1, §11.14).
 //!
 //! What is compared after every step:
 //!
@@ -27,12 +27,12 @@
 //!   `snapshot()` (heads, nodes with actions, counts, levels and seqs,
 //!   flags, extent ops), `counters()`, the reserves (delayed-refs reserve,
 //!   global reserve, space info) and the handle's local reserve, the qgroup
-//!   records (§3.21), every extent-tree item, the pinned bytes, the number of
+//!   records (§9), every extent-tree item, the pinned bytes, the number of
 //!   applied runs, `find_head` and `lookup_extent_info` of every extent, and
 //!   the exact return value of every call (including `RunStats`);
 //! - once a run has held a head back because of a blocker, the two sides
 //!   may legitimately have run *different* refs of that head: the locked port
-//!   runs ADDs in FIFO order, the lock-free one in key order (spec §2.4;
+//!   runs ADDs in FIFO order, the lock-free one in key order (semantics.md §3.4;
 //!   docs/kernel-mapping.md). Until both indexes are empty again the test
 //!   compares what must still agree: the set of heads and their
 //!   run-independent fields (size, kind, `total_ref_mod`, owning root,
@@ -66,7 +66,7 @@
 //! for the case, and the final trees only up to the items' flags and key:
 //! an extent op queued on a cancelled allocation is applied if the block is
 //! allocated again before the cancelled head runs, and discarded if the
-//! head runs first (§3.16.7 step 1, §5.11a), and which comes first is a
+//! head runs first (§6.11 step 1, §11.11a), and which comes first is a
 //! matter of selection order.
 //!
 //! Cases: 2048 per proptest by default (`DREF_DIFF_CASES`), from a fixed seed
@@ -146,7 +146,7 @@ enum Op {
     RunOne,
     RunReady,
     /// `run(Bytes(n · C(1)))` (skipped while a blocker is registered: it
-    /// would spin, §5.15; and while the sides are diverged).
+    /// would spin, §11.15; and while the sides are diverged).
     RunBytes(u64),
     /// `run(All)` (skipped while a blocker is registered).
     RunAll,
@@ -406,7 +406,7 @@ fn bad_step(k: usize, e: usize, m: &[Ext], heads: &BTreeSet<u64>) -> Option<(Ste
             Error::BadAction { call: "add_data_ref", action: Action::Add, what: "with a tree payload" },
         ),
         7 if heads.contains(&t.bytenr) => {
-            // A data ref on a tree block's head (§3.6 step 1: the kernel BUGs).
+            // A data ref on a tree block's head (§4.6 step 1: the kernel BUGs).
             let g = GenericRef::new(Action::Add, t.bytenr, TREE_NB, 0, 5).data(5, 257, 0, 0, false);
             (Step::DataRef(g, 0), Error::DataMismatch { bytenr: t.bytenr, head_is_data: false })
         }
@@ -698,24 +698,24 @@ impl<F: DelayedRefs> Case<F> {
         self.check_model(F::NAME, fv)?;
         self.self_check("locked", lv)?;
         self.self_check(F::NAME, fv)?;
-        same!(lv.qgroups, fv.qgroups, "qgroup records (§3.21)");
+        same!(lv.qgroups, fv.qgroups, "qgroup records (§9)");
         if !self.rsv_diverged {
-            same!(lv.reserves, fv.reserves, "reserves (§3.20)");
-            same!(lv.local, fv.local, "handle local reserve (§3.20.3)");
+            same!(lv.reserves, fv.reserves, "reserves (§8)");
+            same!(lv.local, fv.local, "handle local reserve (§8.3)");
         }
         if !self.diverged {
-            same!(lv.counters, fv.counters, "counters (§1.6)");
+            same!(lv.counters, fv.counters, "counters (§2.5)");
             for (a, b) in lv.snap.iter().zip(&fv.snap) {
                 same!(a, b, "head {:#x}", a.bytenr);
             }
             same!(lv.snap, fv.snap, "snapshot (head set)");
             same!(lv.items, fv.items, "extent trees");
             if !self.rsv_diverged {
-                same!(lv.pinned, fv.pinned, "pinned bytes (§3.16.7 step 4)");
+                same!(lv.pinned, fv.pinned, "pinned bytes (§6.11 step 4)");
                 same!(lv.applied, fv.applied, "applied refs");
             }
-            same!(lv.lookups, fv.lookups, "lookup_extent_info (§3.17)");
-            same!(lv.finds, fv.finds, "find_head (§3.12)");
+            same!(lv.lookups, fv.lookups, "lookup_extent_info (§7.1)");
+            same!(lv.finds, fv.finds, "find_head (§6.1)");
             return Ok(());
         }
         if self.mode == Mode::OrderFree {
@@ -736,7 +736,7 @@ impl<F: DelayedRefs> Case<F> {
         };
         same!(fixed(&lv.snap), fixed(&fv.snap), "heads (run-independent fields)");
         let refs = |l: &[Option<ExtentInfo>]| l.iter().map(|x| x.map(|i| i.refs)).collect::<Vec<_>>();
-        same!(refs(&lv.lookups), refs(&fv.lookups), "lookup_extent_info refs (§3.17)");
+        same!(refs(&lv.lookups), refs(&fv.lookups), "lookup_extent_info refs (§7.1)");
         for (i, e) in self.m.iter().enumerate() {
             if lv.items.contains_key(&e.bytenr) && fv.items.contains_key(&e.bytenr) {
                 same!(lv.lookups[i], fv.lookups[i], "lookup_extent_info of {:#x}", e.bytenr);
@@ -858,7 +858,7 @@ fn run_case_with<F: DelayedRefs>(mut c: Case<F>, ops: &[Op]) -> Result<(), TestC
     // `OrderFree`, once the sides were apart: an extent op queued on an
     // allocation that was then cancelled is applied if the block is
     // allocated again before the cancelled head runs, and discarded if the
-    // head runs first (§3.16.7 step 1, §5.11a). Which came first depends on
+    // head runs first (§6.11 step 1, §11.11a). Which came first depends on
     // the selection order, so the items' flags and key may differ; the rest
     // of every item must not.
     c.diverged = c.mode == Mode::OrderFree && c.rsv_diverged && lv.items != fv.items;
@@ -935,7 +935,7 @@ fn differential_without_blockers() {
     run_differential(false, 1, Other::LockFree);
 }
 
-/// With tree-mod-log blockers (§3.11, §3.22): exact agreement until a head
+/// With tree-mod-log blockers (§5.2, §5.3): exact agreement until a head
 /// is held back, then the run-order-independent view until both indexes
 /// are empty again.
 #[test]
@@ -975,7 +975,7 @@ fn sharded_many_shards_with_blockers() {
 }
 
 /// A fixed sequence covering a cancelled allocation, a re-allocation of it
-/// (§5.11a), a hold-back, a cleanup and an abort, independent of the generator.
+/// (§11.11a), a hold-back, a cleanup and an abort, independent of the generator.
 #[test]
 fn differential_fixed_sequence() {
     use Op::*;
@@ -1016,8 +1016,8 @@ fn differential_fixed_sequence() {
 
 /// A tree block whose allocation was cancelled in this transaction (its
 /// head keeps must_insert_reserved and no node) is allocated again, now as
-/// a block of another level, before the head ran (spec §5.11a, §3.6 step 3).
-/// The first node reached zero and was dropped (§3.7, §3.9), so the new ADD
+/// a block of another level, before the head ran (semantics.md §11.11a, §4.6 step 3).
+/// The first node reached zero and was dropped (§4.7, §4.9), so the new ADD
 /// is a new node with the new level, and the inserted item must carry it.
 /// Both sides must agree on the queued node and on the item.
 #[test]

@@ -1,14 +1,14 @@
-//! In-process analogues of fstests scenarios (VERIFY.md "Cases worth
-//! porting"):
+//! In-process analogues of fstests scenarios (scenarios
+//! worth porting, written fresh):
 //!
 //! - btrfs/095: dropping N refs and adding N refs of one extent in one
 //!   transaction, then running at commit, must not fail (adds run before
-//!   drops, §2.4, §5.10) and leaves the extent's refs as queued;
+//!   drops, §3.4, §11.10) and leaves the extent's refs as queued;
 //! - btrfs/279: readers of pending data refs see them (`find_head`,
-//!   `snapshot`, `lookup_extent_info` = disk + pending, §3.17, invariant 18);
+//!   `snapshot`, `lookup_extent_info` = disk + pending, §7.1, invariant 18);
 //! - generic/027, 269, 371, 619 (ENOSPC): reservation paths never give a
 //!   false ENOSPC and never over-commit, with a small metadata space
-//!   (§3.20, invariants 21-24).
+//!   (§8, invariants 21-24).
 //!
 //! Every test is generic over `D: DelayedRefs`; see `common::for_each_impl!`.
 
@@ -61,7 +61,7 @@ fn btrfs_095_drop_and_readd<D: DelayedRefs>() {
         let runs = tree.runs();
         assert_eq!(runs.len(), want_nodes);
         let adds = runs.iter().take_while(|r| r.action == Action::Add).count();
-        assert_eq!(adds, want_nodes / 2, "all adds before any drop (§2.4)");
+        assert_eq!(adds, want_nodes / 2, "all adds before any drop (§3.4)");
         let item = tree.inner.item(X).expect("the extent survives");
         assert_eq!(item.refs, N);
         let want: BTreeMap<RefKey, u64> = (0..N).map(|i| (ed(257 + i, new_offset), 1)).collect();
@@ -149,7 +149,7 @@ fn btrfs_279_readers_see_pending<D: DelayedRefs>() {
         }
     }
     // Extents 0-3 (a reflink after the blocker), 7 (a drop after it) and the
-    // four new extents hold refs with seq >= the blocker (§3.11).
+    // four new extents hold refs with seq >= the blocker (§5.2).
     assert_eq!(refs.counters().num_heads, 9, "the blocked heads remain");
     drop(blocker);
     while refs.run_one(&tree).unwrap().is_some() {
@@ -172,7 +172,7 @@ enum ROp {
     Add(usize, u64),
     /// End open handle `i % open`.
     End(usize),
-    /// `start_transaction(0, FlushAll)`: refill the delayed refs rsv (§3.20.7).
+    /// `start_transaction(0, FlushAll)`: refill the delayed refs rsv (§8.7).
     Refill,
     /// Run one head.
     RunOne,
@@ -207,9 +207,9 @@ fn small_config(routing: ReleaseRouting) -> FsConfig {
 }
 
 /// Exact ledger of bytes_may_use: every byte is in exactly one reserve or in
-/// an open handle's transaction reserve (§1.8 "every byte in any rsv's
+/// an open handle's transaction reserve (§2.7 "every byte in any rsv's
 /// reserved is also counted in bytes_may_use"), so nothing leaks or is
-/// created by release routing (§3.20.2, §5.4).
+/// created by release routing (§8.2, §11.4).
 fn check_ledger<D: DelayedRefs>(refs: &D, open: &[(TransHandle, u64)], ctx: &str) {
     let r = &refs.fs().reserves;
     let g = *r.geometry();
@@ -322,7 +322,7 @@ fn run_reservation_ops<D: DelayedRefs>(routing: ReleaseRouting, ops: &[ROp]) {
 }
 
 /// generic/027, 269, 371, 619 spirit: random start/add/end/refill/run
-/// sequences on a small metadata space, both release routings (§5.4).
+/// sequences on a small metadata space, both release routings (§11.4).
 fn reservations_never_false_enospc<D: DelayedRefs>() {
     let mut runner = TestRunner::new(Config { cases: 96, failure_persistence: None, ..Config::default() });
     let strat = (prop::bool::ANY, prop::collection::vec(rop(), 1..60));

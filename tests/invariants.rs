@@ -1,5 +1,5 @@
 //! Property test: random operation sequences against a model, checking the
-//! invariants of spec §4 after every step and the final extent tree.
+//! invariants of semantics.md §10 after every step and the final extent tree.
 //!
 //! Operations: tree and data refs on a few extents and backref keys, extent
 //! ops, `run_one`, `run(Ready)`, `run(Bytes)`, `check_ref_cleanup`, seq
@@ -7,15 +7,15 @@
 //! sequence valid for the strict extent tree: it models the true refs (disk
 //! plus queued) per key, only drops what exists, makes the first ref of a
 //! free extent an `AddExtent`, keeps tree backrefs at 0 or 1 (so no tree
-//! ref ever runs with `ref_mod != 1`, §5.14), and never reuses a freed
-//! bytenr while its head is still queued (§5.11a).
+//! ref ever runs with `ref_mod != 1`, §11.14), and never reuses a freed
+//! bytenr while its head is still queued (§11.11a).
 //!
 //! Checked after every step: invariants 1-4, 7, 8, 10, 15, 20-23 (common
 //! `check_quiescent`), 11 (total_ref_mod per head object), 12 and 18 (disk +
 //! queued per key and `lookup_extent_info`), 13 (after a metadata head is
 //! held back), 16 (must_insert_reserved ⇒ no item), 25 (qgroup records,
-//! with the absorb rule of §3.21), the exact `check_ref_cleanup` outcome
-//! (§3.18) and the pinned bytes of cancelled allocations (§3.16.7 step 4).
+//! with the absorb rule of §9), the exact `check_ref_cleanup` outcome
+//! (§7.2) and the pinned bytes of cancelled allocations (§6.11 step 4).
 //! At the end: invariant 17 (every insert is an ADD), a final `run(All)`,
 //! invariant 26, and the extent tree equal to the model.
 //!
@@ -76,7 +76,7 @@ enum Op {
     },
     RunOne,
     RunReady,
-    /// `run(Bytes(n × C(1)))`, only without blockers (it would spin, §5.15).
+    /// `run(Bytes(n × C(1)))`, only without blockers (it would spin, §11.15).
     RunBytes(u64),
     /// `check_ref_cleanup` of extent `ext` (tree if `data` is false).
     Cleanup {
@@ -137,7 +137,7 @@ impl Ext {
 
 struct Model {
     exts: Vec<Ext>,
-    /// Qgroup records by bytenr (§3.21).
+    /// Qgroup records by bytenr (§9).
     qgroups: BTreeMap<u64, QgroupRecord>,
     pinned: u64,
 }
@@ -305,7 +305,7 @@ fn run_case<D: DelayedRefs>(ops: &[Op]) {
                                 }
                                 assert!(
                                     head.nodes.iter().any(|n| n.key.seq >= lowest),
-                                    "held back only for a ref at or above the blocker (§3.11)"
+                                    "held back only for a ref at or above the blocker (§5.2)"
                                 );
                             } else {
                                 assert!(refs.find_head(b).is_none(), "Deleted: the head left the index");
@@ -347,7 +347,7 @@ fn run_case<D: DelayedRefs>(ops: &[Op]) {
                     }
                     Some(h) => CleanupOutcome::Deleted { must_insert_reserved: h.must_insert_reserved },
                 };
-                assert_eq!(refs.check_ref_cleanup(e.bytenr), want, "step {step}: §3.18 on {head:#?}");
+                assert_eq!(refs.check_ref_cleanup(e.bytenr), want, "step {step}: §7.2 on {head:#?}");
             }
             Op::Register => blockers.push(refs.fs().seq.register()),
             Op::Unregister(i) => {
@@ -403,7 +403,7 @@ fn run_case<D: DelayedRefs>(ops: &[Op]) {
 
 /// Heads a run that deletes them must pin: a cancelled allocation, i.e.
 /// must_insert_reserved and no node left once the merge pass ran with the
-/// lowest blocker seq `lowest` (§3.10, §3.16.7 step 4, §5.11b). On a
+/// lowest blocker seq `lowest` (§5.1, §6.11 step 4, §11.11b). On a
 /// metadata head the pass cancels same-key nodes older than the blocker.
 fn pin_candidates(snap: &[delayed_refs::HeadSnapshot], lowest: u64) -> Vec<(u64, u64)> {
     let empty_after_merge = |h: &delayed_refs::HeadSnapshot| {
@@ -445,7 +445,7 @@ fn check_step<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, m: &mut Model, ste
                 for n in &h.nodes {
                     if let RefKey::TreeBlock { root } | RefKey::ExtentData { root, .. } = n.key.key {
                         if is_fstree(root) {
-                            assert!(n.key.seq <= refs.fs().seq.current(), "seq from the past (§3.3)");
+                            assert!(n.key.seq <= refs.fs().seq.current(), "seq from the past (§4.3)");
                         }
                     }
                 }
@@ -459,13 +459,13 @@ fn check_step<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, m: &mut Model, ste
         let seen = refs.lookup_extent_info(tree, e.bytenr).map(|i| i.refs).unwrap_or(0);
         assert_eq!(seen, e.total(), "step {step}: invariant 18 lookup at {:#x}", e.bytenr);
     }
-    // Invariant 25 and §3.21.
+    // Invariant 25 and §9.
     let recs = refs.qgroup_records();
     assert_eq!(recs, m.qgroups.values().copied().collect::<Vec<_>>(), "step {step}: qgroup records");
     assert_eq!(tree.pinned_bytes(), m.pinned, "step {step}: pinned bytes of cancelled allocations");
 }
 
-/// Random valid sequences keep every observable invariant of §4.
+/// Random valid sequences keep every observable invariant of §10.
 fn random_sequences_keep_invariants<D: DelayedRefs>() {
     let cases = std::env::var("DREF_INVARIANT_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
     let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });

@@ -1,10 +1,10 @@
-//! The kernel's delayed-ref self-test cases (VERIFY.md "Cases worth
-//! porting"), written fresh against the spec, plus per-operation semantics:
-//! counters (§3.5-3.9, invariants 1-3, 20), the delayed-refs reserve (§3.20.3,
-//! invariant 21), extent ops (§3.6 step 4, §3.8), must_insert_reserved
-//! (§3.16.6, §3.16.7, §5.11), seq hold-back and the merge pass (§3.10, §3.11,
-//! §3.16.4, §3.22), check_ref_cleanup (§3.18), destroy (§3.19), readers
-//! (§3.17), qgroup records (§3.21) and run modes (§3.16.1).
+//! The kernel's delayed-ref self-test cases (written fresh
+//! against docs/semantics.md; no kernel code), plus per-operation semantics:
+//! counters (§4.5-4.9, invariants 1-3, 20), the delayed-refs reserve (§8.3,
+//! invariant 21), extent ops (§4.6 step 4, §4.8), must_insert_reserved
+//! (§6.10, §6.11, §11.11), seq hold-back and the merge pass (§5.1, §5.2,
+//! §6.8, §5.3), check_ref_cleanup (§7.2), destroy (§7.3), readers
+//! (§7.1), qgroup records (§9) and run modes (§6.5).
 //!
 //! Every test is generic over `D: DelayedRefs`; see `common::for_each_impl!`.
 
@@ -37,8 +37,8 @@ fn only_head<D: DelayedRefs>(refs: &D) -> delayed_refs::HeadSnapshot {
 
 /// Self-test: one ADD or DROP of each of the four types makes one head with
 /// `ref_mod == total_ref_mod == ±1` and one node with matching fields
-/// (§3.1-3.5, §3.7 step 2); counters and reserve follow (§3.5 step 4,
-/// §3.20.3, invariants 1-3, 20, 21).
+/// (§4.1-4.5, §4.7 step 2); counters and reserve follow (§4.5 step 4,
+/// §8.3, invariants 1-3, 20, 21).
 fn single_ref_each_type<D: DelayedRefs>() {
     for kind in KINDS {
         for action in [Action::Add, Action::Drop] {
@@ -51,11 +51,7 @@ fn single_ref_each_type<D: DelayedRefs>() {
             }
             let out = add(&refs, &mut h, &gref);
             assert!(!out.merged, "{kind:?} {action:?}: first ref is not a merge");
-            assert_eq!(
-                (h.delayed_ref_updates, h.delayed_ref_csum_deletions),
-                (0, 0),
-                "§3.20.3 step 4 zeroes the handle"
-            );
+            assert_eq!((h.delayed_ref_updates, h.delayed_ref_csum_deletions), (0, 0), "§8.3 step 4 zeroes the handle");
             let head = only_head(&refs);
             assert_eq!(head.bytenr, X);
             assert_eq!(head.num_bytes, kind.nb());
@@ -85,12 +81,12 @@ fn single_ref_each_type<D: DelayedRefs>() {
             let want = g.delayed_ref_bytes(1) + if csum { csum_rsv(&g, DATA_NB) } else { 0 };
             assert_eq!(refs.fs().reserves.snapshot().delayed_refs.size, want, "{kind:?} {action:?} rsv");
             assert_eq!(refs.find_head(X), Some(head));
-            assert_eq!(refs.find_head(X + 1), None, "exact match only (§3.12)");
+            assert_eq!(refs.find_head(X + 1), None, "exact match only (§6.1)");
         }
     }
 }
 
-/// A tree ref of the chunk tree marks the head `is_system` (§3.1 step 1).
+/// A tree ref of the chunk tree marks the head `is_system` (§4.1 step 1).
 fn chunk_tree_ref_is_system<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
     let mut h = TransHandle::new();
@@ -102,9 +98,9 @@ fn chunk_tree_ref_is_system<D: DelayedRefs>() {
 }
 
 /// Self-test: ADD then DROP of one ref leaves the head with `ref_mod` 0 and
-/// no node (§3.7 step 3, §3.9); the run then deletes the head without
+/// no node (§4.7 step 3, §4.9); the run then deletes the head without
 /// touching the extent tree. DROP then ADD of a data ref undoes the csum
-/// accounting (§3.6 step 6).
+/// accounting (§4.6 step 6).
 fn add_then_drop_cancels<D: DelayedRefs>() {
     for kind in KINDS {
         let refs = D::new(FsConfig::default());
@@ -117,7 +113,7 @@ fn add_then_drop_cancels<D: DelayedRefs>() {
         assert_eq!((head.ref_mod, head.total_ref_mod), (0, 0));
         assert!(head.nodes.is_empty());
         assert_eq!(refs.counters(), counters(1, 1, 0));
-        assert_eq!(refs.fs().reserves.snapshot().delayed_refs.size, 0, "§3.9 releases C(1)");
+        assert_eq!(refs.fs().reserves.snapshot().delayed_refs.size, 0, "§4.9 releases C(1)");
         let st = refs.run(&tree, RunMode::All).unwrap();
         assert_eq!(tree.events(), vec![], "{kind:?}: nothing to apply");
         assert_eq!((st.heads, st.refs, st.heads_deleted), (1, 0, 1));
@@ -128,17 +124,17 @@ fn add_then_drop_cancels<D: DelayedRefs>() {
         let g = *refs.fs().reserves.geometry();
         let mut h = TransHandle::new();
         add(&refs, &mut h, &kind.gref(Action::Drop, X, 1));
-        assert_eq!(refs.counters().pending_csums, DATA_NB, "§3.5 step 4");
+        assert_eq!(refs.counters().pending_csums, DATA_NB, "§4.5 step 4");
         assert_eq!(refs.fs().reserves.snapshot().delayed_refs.size, g.delayed_ref_bytes(1) + csum_rsv(&g, DATA_NB));
         add(&refs, &mut h, &kind.gref(Action::Add, X, 1));
         let head = only_head(&refs);
         assert_eq!((head.ref_mod, head.total_ref_mod, head.nodes.len()), (0, 0, 0));
-        assert_eq!(refs.counters(), counters(1, 1, 0), "§3.6 step 6: old < 0 && total >= 0");
+        assert_eq!(refs.counters(), counters(1, 1, 0), "§4.6 step 6: old < 0 && total >= 0");
         assert_eq!(refs.fs().reserves.snapshot().delayed_refs.size, 0, "K(L) released at the transition");
     }
 }
 
-/// Self-test: two ADDs of one ref give one node with `ref_mod` 2 (§3.7).
+/// Self-test: two ADDs of one ref give one node with `ref_mod` 2 (§4.7).
 fn two_adds_merge<D: DelayedRefs>() {
     for kind in KINDS {
         let refs = D::new(FsConfig::default());
@@ -244,9 +240,9 @@ fn fifty_alternating_then_drops<D: DelayedRefs>() {
     }
 }
 
-/// The locked port keeps the kernel's FIFO add list (§2.3) exactly; the
+/// The locked port keeps the kernel's FIFO add list (§3.3) exactly; the
 /// lock-free runner takes adds in key order, and must keep adds before
-/// drops (§2.4, §5.10): the same adds, all before the same drops.
+/// drops (§3.4, §11.10): the same adds, all before the same drops.
 fn assert_run_order<D: DelayedRefs>(ran: Vec<(Action, RefKey)>, fifo: Vec<(Action, RefKey)>) {
     if D::NAME == "locked" {
         assert_eq!(ran, fifo);
@@ -284,14 +280,14 @@ fn run_with_late_refs<D: DelayedRefs>(refs: &D, tree: &Recording, on: Action, la
     let hooked = Hooked {
         inner: tree,
         hook: Box::new(|run: &delayed_refs::RefRun<'_>| {
-            if run.action == on
-                && let Some(mut h) = pending.lock().unwrap().take()
-            {
-                for late in lates {
-                    if new_seq {
-                        drop(refs.fs().seq.register());
+            if run.action == on {
+                if let Some(mut h) = pending.lock().unwrap().take() {
+                    for late in lates {
+                        if new_seq {
+                            drop(refs.fs().seq.register());
+                        }
+                        add(refs, &mut h, late);
                     }
-                    add(refs, &mut h, late);
                 }
             }
         }),
@@ -300,7 +296,7 @@ fn run_with_late_refs<D: DelayedRefs>(refs: &D, tree: &Recording, on: Action, la
 }
 
 /// Self-test: selection returns adds before drops even when the drop sorts
-/// first (§2.4, §5.10), adds in FIFO order (§2.3), also after a merge
+/// first (§3.4, §11.10), adds in FIFO order (§3.3), also after a merge
 /// cancelled an add and after a cancelled add was re-added.
 fn adds_run_before_drops<D: DelayedRefs>() {
     let t = |root| RefKey::TreeBlock { root };
@@ -378,8 +374,8 @@ fn adds_run_before_drops<D: DelayedRefs>() {
         check_empty(&refs);
     }
     // D: an ADD queued while the runner is in its drop phase, under a key
-    // the drop walk has already passed, runs before the next drop (§2.3,
-    // §5.18: the kernel takes the add list first at every selection; the
+    // the drop walk has already passed, runs before the next drop (§3.3,
+    // §11.18: the kernel takes the add list first at every selection; the
     // lock-free runner finds it through its late-ADD marker). Without it the
     // three drops would free the extent and the add would fail.
     {
@@ -399,9 +395,9 @@ fn adds_run_before_drops<D: DelayedRefs>() {
         check_empty(&refs);
     }
     // E: metadata, a late ADD of a backref whose DROP (older seq) is still
-    // queued: the kernel merges the head after every ref (§3.10, §3.16.4
+    // queued: the kernel merges the head after every ref (§5.1, §6.8
     // step 9), so the two cancel and neither runs; running the ADD first
-    // would insert a second copy of a tree backref (§5.9). Root 257 is an
+    // would insert a second copy of a tree backref (§11.9). Root 257 is an
     // fs tree, so its refs carry the tree-mod-log seq and do not merge on
     // insert.
     {
@@ -424,11 +420,11 @@ fn adds_run_before_drops<D: DelayedRefs>() {
     // applies the first ADD; the second ADD, still ahead of the walk, sorts
     // between it and that backref, so the walk goes on into the toggled
     // nodes rather than ending and leaving them to the late-ADD path). The kernel
-    // merges before every ref it selects (§3.10, §3.16.4 step 9), so the
+    // merges before every ref it selects (§5.1, §6.8 step 9), so the
     // three fold into one DROP. Taking the middle ADD on its own (a merge
     // done only once per pass) runs ADD, DROP, DROP; under adders that keep
     // toggling, such leftovers later fold into one node with ref_mod 2 or
-    // more (Error::TreeRefMod, the mt_add_run failure of session 3).
+    // more (Error::TreeRefMod, an intermittent mt_add_run failure, since fixed).
     {
         let refs = D::new(FsConfig::default());
         let tree = Recording::new(MemExtentTree::new());
@@ -445,7 +441,7 @@ fn adds_run_before_drops<D: DelayedRefs>() {
     }
     // H: metadata, a shared backref (its key names no root) changed by an fs
     // tree (ops carry the current seq) and by a tree that is not an fs tree
-    // (ops carry seq 0, like relocation's drop and re-add, §5.9). An ADD at
+    // (ops carry seq 0, like relocation's drop and re-add, §11.9). An ADD at
     // seq s1 is queued; while the add scan applies an ADD of a lower key, the
     // backref is dropped at seq 0 and re-added at seq s2. The seq-0 node sorts
     // before the scan's position, so folding from the node the scan stands on
@@ -468,9 +464,9 @@ fn adds_run_before_drops<D: DelayedRefs>() {
     }
     // G: metadata, a late ADD held back by a blocker that registered during
     // the run, behind a queued DROP of the same backref below that blocker:
-    // the two do not merge (§3.10 merges below the lowest blocker only),
+    // the two do not merge (§5.1 merges below the lowest blocker only),
     // and the held ADD stops every drop, as the kernel's add list would
-    // select it first and unselect the head (§2.3, §3.11). Once the blocker
+    // select it first and unselect the head (§3.3, §5.2). Once the blocker
     // leaves, the two cancel; running the DROP first would apply a DROP and
     // an ADD of one tree backref instead.
     {
@@ -485,11 +481,11 @@ fn adds_run_before_drops<D: DelayedRefs>() {
         let hooked = Hooked {
             inner: &tree,
             hook: Box::new(|run: &delayed_refs::RefRun<'_>| {
-                if run.key == t(5)
-                    && let Some(mut h) = pending.lock().unwrap().take()
-                {
-                    *blocker.lock().unwrap() = Some(refs.fs().seq.register());
-                    add(&refs, &mut h, &tref(Action::Add, X, 257, 0));
+                if run.key == t(5) {
+                    if let Some(mut h) = pending.lock().unwrap().take() {
+                        *blocker.lock().unwrap() = Some(refs.fs().seq.register());
+                        add(&refs, &mut h, &tref(Action::Add, X, 257, 0));
+                    }
                 }
             }),
         };
@@ -505,9 +501,9 @@ fn adds_run_before_drops<D: DelayedRefs>() {
 }
 
 /// The delayed-refs reserve grows by `C(n)` per new node plus `K(L)` per data
-/// head going negative, after every add (§3.20.3, invariant 21), is backed by
+/// head going negative, after every add (§8.3, invariant 21), is backed by
 /// the handle's local reserve as far as it goes, and returns to 0 after the
-/// run; all bytes return to the space info (§3.20.2, §3.20.10).
+/// run; all bytes return to the space info (§8.2, §8.10).
 fn delayed_refs_rsv_tracks_nodes<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
     let g = *refs.fs().reserves.geometry();
@@ -522,11 +518,11 @@ fn delayed_refs_rsv_tracks_nodes<D: DelayedRefs>() {
     add(&refs, &mut h, &dref(Action::Drop, Y, 5, 257, 0, 0));
     assert_eq!(size(&refs).size, 2 * c1 + k1);
     add(&refs, &mut h, &dref(Action::Add, Y, 5, 300, 0, 0));
-    assert_eq!(size(&refs).size, 3 * c1, "total_ref_mod back to 0: K released (§3.6 step 6)");
+    assert_eq!(size(&refs).size, 3 * c1, "total_ref_mod back to 0: K released (§4.6 step 6)");
     add(&refs, &mut h, &dref(Action::Add, Y, 5, 300, 0, 0));
     assert_eq!(size(&refs).size, 3 * c1, "a merge adds nothing");
     add(&refs, &mut h, &dref(Action::Add, Y, 5, 257, 0, 0));
-    assert_eq!(size(&refs).size, 2 * c1, "a cancel releases C(1) (§3.9)");
+    assert_eq!(size(&refs).size, 2 * c1, "a cancel releases C(1) (§4.9)");
     assert_eq!(size(&refs).reserved, 0, "an unbacked handle backs nothing");
     check_quiescent(&refs);
     refs.run(&tree, RunMode::All).unwrap();
@@ -542,11 +538,11 @@ fn delayed_refs_rsv_tracks_nodes<D: DelayedRefs>() {
     add(&refs, &mut h, &tref(Action::AddExtent, X, 5, 0));
     add(&refs, &mut h, &tref(Action::AddExtent, Z, 5, 0));
     let d = r.snapshot().delayed_refs;
-    assert_eq!((d.size, d.reserved), (2 * c1, c1), "take = min(n, local.reserved) (§3.20.3 step 2-3)");
+    assert_eq!((d.size, d.reserved), (2 * c1, c1), "take = min(n, local.reserved) (§8.3 step 2-3)");
     assert_eq!(h.local_rsv().reserved, 0);
     refs.run(&tree, RunMode::All).unwrap();
     let d = r.snapshot().delayed_refs;
-    assert_eq!((d.size, d.reserved), (0, 0), "released and clamped (§3.20.2)");
+    assert_eq!((d.size, d.reserved), (0, 0), "released and clamped (§8.2)");
     r.end_transaction(h).unwrap();
     let s = r.snapshot();
     assert_eq!(s.space.may_use, may_use0, "every byte returned to the space info");
@@ -554,10 +550,10 @@ fn delayed_refs_rsv_tracks_nodes<D: DelayedRefs>() {
     check_empty(&refs);
 }
 
-/// Extent ops: a node-less head carrying only an op (§3.8), ops merged with
-/// later keys replacing and flags accumulating, level kept (§3.6 step 4);
-/// run on their own at cleanup (§3.16.7 step 1) or with the first ref run
-/// after them (§3.16.6).
+/// Extent ops: a node-less head carrying only an op (§4.8), ops merged with
+/// later keys replacing and flags accumulating, level kept (§4.6 step 4);
+/// run on their own at cleanup (§6.11 step 1) or with the first ref run
+/// after them (§6.10).
 fn extent_op_merge<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
     let tree = Recording::new(MemExtentTree::new());
@@ -572,7 +568,7 @@ fn extent_op_merge<D: DelayedRefs>() {
     assert_eq!((head.is_data, head.owning_root), (false, 0));
     assert_eq!(head.extent_op, Some(op1));
     assert_eq!(refs.counters(), counters(1, 1, 0));
-    assert_eq!(refs.fs().reserves.snapshot().delayed_refs.size, 0, "a head alone reserves nothing (§3.5 note)");
+    assert_eq!(refs.fs().reserves.snapshot().delayed_refs.size, 0, "a head alone reserves nothing (§4.5 note)");
     refs.add_extent_op(&mut h, X, TREE_NB, ExtentOp::set_flags(BLOCK_FLAG_FULL_BACKREF, 3)).unwrap();
     refs.add_extent_op(
         &mut h,
@@ -606,9 +602,9 @@ fn extent_op_merge<D: DelayedRefs>() {
     check_empty(&refs);
 }
 
-/// `AddExtent` sets must_insert_reserved (§3.4 step 2); the first run takes
+/// `AddExtent` sets must_insert_reserved (§4.4 step 2); the first run takes
 /// it, is an ADD (invariant 17) and inserts the item carrying the op; later
-/// runs do not insert (§3.16.4 step 5, §3.16.6).
+/// runs do not insert (§6.8 step 5, §6.10).
 fn must_insert_reserved_first_run_inserts<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
     let tree = Recording::new(MemExtentTree::new());
@@ -621,7 +617,7 @@ fn must_insert_reserved_first_run_inserts<D: DelayedRefs>() {
     assert!(snap[0].must_insert_reserved && snap[1].must_insert_reserved);
     assert_eq!((snap[0].reserved_bytes, snap[0].owning_root), (DATA_NB, 5));
     assert_eq!(snap[1].reserved_bytes, 0);
-    assert_eq!(refs.lookup_extent_info(&tree, X), Some(ExtentInfo { refs: 2, flags: 0 }), "pending insert (§3.17)");
+    assert_eq!(refs.lookup_extent_info(&tree, X), Some(ExtentInfo { refs: 2, flags: 0 }), "pending insert (§7.1)");
     assert_eq!(refs.lookup_extent_info(&tree, Y), Some(ExtentInfo { refs: 1, flags: BLOCK_FLAG_FULL_BACKREF }));
     refs.run(&tree, RunMode::All).unwrap();
     let xr = tree.runs_of(X);
@@ -642,9 +638,9 @@ fn must_insert_reserved_first_run_inserts<D: DelayedRefs>() {
     check_empty(&refs);
 }
 
-/// Merging into an existing head (§3.6 steps 2-3): `owning_root` is filled in
+/// Merging into an existing head (§4.6 steps 2-3): `owning_root` is filled in
 /// when 0; `AddExtent` sets must_insert_reserved and overwrites `num_bytes`
-/// and `owning_root`; `reserved_bytes` is not merged (faithful quirk, §5.13).
+/// and `owning_root`; `reserved_bytes` is not merged (faithful quirk, §11.13).
 fn head_fields_merge<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
     let mut h = TransHandle::new();
@@ -654,7 +650,7 @@ fn head_fields_merge<D: DelayedRefs>() {
     assert_eq!(refs.counters().pending_csums, 2 * DATA_NB);
     let add9 = GenericRef::new(Action::Add, X, 2 * DATA_NB, 0, 9).data(9, 1, 0, 0, false);
     add(&refs, &mut h, &add9);
-    assert_eq!(only_head(&refs).owning_root, 9, "§3.6 step 2");
+    assert_eq!(only_head(&refs).owning_root, 9, "§4.6 step 2");
     assert_eq!(refs.counters().pending_csums, 0);
     let add11 = GenericRef::new(Action::Add, X, 2 * DATA_NB, 0, 11).data(11, 1, 0, 0, false);
     add(&refs, &mut h, &add11);
@@ -662,9 +658,9 @@ fn head_fields_merge<D: DelayedRefs>() {
     let realloc = GenericRef::new(Action::AddExtent, X, DATA_NB, 0, 7).data(7, 2, 0, 0, false);
     refs.add_data_ref(&mut h, &realloc, DATA_NB).unwrap();
     let head = only_head(&refs);
-    assert!(head.must_insert_reserved, "§3.6 step 3");
+    assert!(head.must_insert_reserved, "§4.6 step 3");
     assert_eq!((head.num_bytes, head.owning_root), (DATA_NB, 7));
-    assert_eq!(head.reserved_bytes, 0, "§5.13: reserved_bytes is not merged");
+    assert_eq!(head.reserved_bytes, 0, "§11.13: reserved_bytes is not merged");
     assert_eq!((head.ref_mod, head.total_ref_mod), (2, 2));
     let tree = MemExtentTree::new();
     let st = refs.destroy(&tree);
@@ -674,8 +670,8 @@ fn head_fields_merge<D: DelayedRefs>() {
 
 /// A cancelled allocation (AddExtent then Drop before running) leaves a
 /// node-less head with must_insert_reserved; the run deletes it, applies
-/// nothing (its op is discarded: §3.16.7 step 1) and pins the extent
-/// (§3.16.7 step 4, §5.11b).
+/// nothing (its op is discarded: §6.11 step 1) and pins the extent
+/// (§6.11 step 4, §11.11b).
 fn cancelled_allocation_is_pinned<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
     let tree = Recording::new(MemExtentTree::new());
@@ -712,7 +708,7 @@ fn cancelled_allocation_is_pinned<D: DelayedRefs>() {
     check_empty(&refs);
 }
 
-/// Seq hold-back (§3.11, §3.16.4 step 1, §3.22): with a blocker alive, refs
+/// Seq hold-back (§5.2, §6.8 step 1, §5.3): with a blocker alive, refs
 /// of fs trees created after it are not run and their heads stay queued and
 /// unselected; refs created before it and refs of non-fs-tree roots (seq 0)
 /// run; after the blocker leaves everything runs.
@@ -732,7 +728,7 @@ fn seq_hold_back<D: DelayedRefs>() {
         GenericRef::new(Action::AddExtent, r, DATA_NB, 0, roots::DATA_RELOC).data(roots::DATA_RELOC, 257, 0, 0, false);
     refs.add_data_ref(&mut h, &reloc, DATA_NB).unwrap(); // not an fs tree: seq 0
     let seqs: Vec<u64> = check_quiescent(&refs).iter().map(|h| h.nodes[0].key.seq).collect();
-    assert_eq!(seqs, vec![1, 2, 2, 0, 0], "§3.3: seq read, not incremented; 0 for non-fs trees");
+    assert_eq!(seqs, vec![1, 2, 2, 0, 0], "§4.3: seq read, not incremented; 0 for non-fs trees");
     let held_before: Vec<_> = refs.snapshot().into_iter().filter(|h| h.bytenr == a || h.bytenr == d).collect();
 
     let mut deleted = Vec::new();
@@ -758,7 +754,7 @@ fn seq_hold_back<D: DelayedRefs>() {
     assert!(tree.item(a0).is_some() && tree.item(e).is_some() && tree.item(r).is_some());
 
     let st = refs.run(&tree, RunMode::Ready).unwrap();
-    assert_eq!((st.heads, st.held_back, st.heads_deleted, st.refs), (2, 2, 0, 0), "§3.16.1 Ready: 2 heads ready");
+    assert_eq!((st.heads, st.held_back, st.heads_deleted, st.refs), (2, 2, 0, 0), "§6.5 Ready: 2 heads ready");
     assert_eq!(refs.lookup_extent_info(&tree, a), Some(ExtentInfo { refs: 1, flags: 0 }));
 
     drop(blocker);
@@ -768,7 +764,7 @@ fn seq_hold_back<D: DelayedRefs>() {
     check_empty(&refs);
 }
 
-/// `RunMode::All` spins while everything left is held back (§3.16.1, §5.15)
+/// `RunMode::All` spins while everything left is held back (§6.5, §11.15)
 /// and finishes once the blocker leaves; before that nothing held back runs.
 fn run_all_waits_for_blocker<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
@@ -788,7 +784,7 @@ fn run_all_waits_for_blocker<D: DelayedRefs>() {
     check_empty(&refs);
 }
 
-/// Merge pass (§3.10, invariant 13): on a metadata head, nodes of one key
+/// Merge pass (§5.1, invariant 13): on a metadata head, nodes of one key
 /// with different seqs older than the lowest blocker merge (here: cancel, so
 /// nothing is applied); a node at or above the blocker is neither merged
 /// nor run; data heads are never merged by the pass.
@@ -854,13 +850,13 @@ fn merge_pass_respects_seq<D: DelayedRefs>() {
     add(&refs, &mut h, &dref(Action::Add, W, 5, 257, 0, 0));
     let _blocker = refs.fs().seq.register();
     let st = refs.run(&tree, RunMode::All).unwrap();
-    assert_eq!(st.refs, 2, "data heads are not merged by the pass (§3.10 step 1)");
+    assert_eq!(st.refs, 2, "data heads are not merged by the pass (§5.1 step 1)");
     assert_eq!(order(&tree.runs()), vec![(Action::Add, k), (Action::Drop, k)]);
     assert_eq!(tree.inner.item(W).unwrap().refs, 1);
     check_empty(&refs);
 }
 
-/// `check_ref_cleanup` (§3.18): no head; busy with refs, with a surviving
+/// `check_ref_cleanup` (§7.2): no head; busy with refs, with a surviving
 /// extent op, or while held back; deletes a node-less head and reports
 /// must_insert_reserved, discarding an op on a never-inserted block.
 fn check_ref_cleanup_cases<D: DelayedRefs>() {
@@ -906,7 +902,7 @@ fn check_ref_cleanup_cases<D: DelayedRefs>() {
     assert!(tree.item(X).is_none() && tree.item(W).is_none());
 }
 
-/// Abort cleanup (§3.19): every head and node goes, counters and the reserve
+/// Abort cleanup (§7.3): every head and node goes, counters and the reserve
 /// return to zero, reserved extents are pinned, the extent tree is untouched.
 fn destroy_empties_everything<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
@@ -930,7 +926,7 @@ fn destroy_empties_everything<D: DelayedRefs>() {
     let st = refs.destroy(&tree);
     assert_eq!(st.heads, snap.len() as u64);
     assert_eq!(st.nodes, nodes);
-    assert_eq!(st.pinned_bytes, DATA_NB + TREE_NB, "Y and Z were reserved (§5.11d)");
+    assert_eq!(st.pinned_bytes, DATA_NB + TREE_NB, "Y and Z were reserved (§11.11d)");
     assert_eq!(tree.pinned_bytes(), DATA_NB + TREE_NB);
     check_empty(&refs);
     assert_eq!(tree.items(), before_tree, "destroy applies nothing");
@@ -941,7 +937,7 @@ fn destroy_empties_everything<D: DelayedRefs>() {
     check_empty(&refs);
 }
 
-/// `lookup_extent_info` = disk + pending (§3.17, invariant 18): pending
+/// `lookup_extent_info` = disk + pending (§7.1, invariant 18): pending
 /// adds/drops, a pending insert, an extent op's flags; unchanged by running.
 fn lookup_extent_info_disk_plus_pending<D: DelayedRefs>() {
     let refs = D::new(FsConfig::default());
@@ -980,7 +976,7 @@ fn lookup_extent_info_disk_plus_pending<D: DelayedRefs>() {
     assert_eq!(refs.lookup_extent_info(&tree, W), Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK | 0x100 }));
 }
 
-/// Qgroup records (§1.9, §3.4 step 4, §3.21, invariant 25): at most one per
+/// Qgroup records (§2.8, §4.4 step 4, §9, invariant 25): at most one per
 /// bytenr; a duplicate copies its reservation only into a record without
 /// one; skip_qgroup refs and disabled accounting make none; records outlive
 /// their heads.
@@ -1009,7 +1005,7 @@ fn qgroup_records<D: DelayedRefs>() {
     assert_eq!(recs.iter().map(|r| r.bytenr).collect::<Vec<_>>(), vec![X, Y, 5 << 30]);
     assert_eq!(recs[1], rec(Y, 4096, 256));
     assert_eq!(recs[2], QgroupRecord { bytenr: 5 << 30, num_bytes: TREE_NB, data_rsv: 0, data_rsv_refroot: 0 });
-    // X got an AddExtent merged in (§3.6 step 3): its first run inserts.
+    // X got an AddExtent merged in (§4.6 step 3): its first run inserts.
     let tree = MemExtentTree::new();
     refs.run(&tree, RunMode::All).unwrap();
     check_empty(&refs);
@@ -1022,7 +1018,7 @@ fn qgroup_records<D: DelayedRefs>() {
     assert!(refs.qgroup_records().is_empty());
 }
 
-/// Run modes (§3.16.1): `Bytes(n)` selects heads until the released
+/// Run modes (§6.5): `Bytes(n)` selects heads until the released
 /// estimate (`C(1)` per node run plus `K(L)` per negative data head) reaches
 /// `n`; `Ready` runs as many heads as were ready at the start, not heads
 /// added meanwhile; `All` also runs refs added while running.
@@ -1073,7 +1069,7 @@ fn run_modes<D: DelayedRefs>() {
         match mode {
             RunMode::Ready => {
                 assert_eq!(st.heads, 3, "max_count = num_heads_ready at the start");
-                assert_eq!(refs.counters().num_heads, 1, "one head (the one added meanwhile, §3.13) is left");
+                assert_eq!(refs.counters().num_heads, 1, "one head (the one added meanwhile, §6.2) is left");
                 refs.run(&tree, RunMode::All).unwrap();
             }
             _ => assert_eq!(st.heads, 4, "All runs refs added while running"),

@@ -1,5 +1,5 @@
 //! A small concurrent run of both implementations, sized for Miri, TSan and
-//! valgrind (VERIFY tiers T6, T7): two adders and one runner on shared and
+//! valgrind (tiers T6, T7 (README.md, \"Verification\")): two adders and one runner on shared and
 //! private heads, then a full drain; the extent tree must equal the sum of
 //! all adds and every counter and the reserve must return to zero.
 

@@ -1,4 +1,4 @@
-//! Multi-threaded adds and runs against an oracle (VERIFY.md tier T5).
+//! Multi-threaded adds and runs against an oracle (tier T5 (README.md, \"Verification\")).
 //!
 //! Four adder threads (each with its own transaction handles) queue 200k
 //! operations: refs on their own data and tree extents (allocated with
@@ -6,15 +6,15 @@
 //! per-thread keys on a few hot extents every thread shares, and extent ops
 //! on their own and on the hot tree blocks. Two runner threads call
 //! `run_one` and `run(Ready)` meanwhile, and a blocker thread registers and
-//! drops tree-mod-log blockers so heads are held back (§3.11, §3.22). Adders
+//! drops tree-mod-log blockers so heads are held back (§5.2, §5.3). Adders
 //! also read: `lookup_extent_info` of an extent only they change must equal
-//! their model exactly, whatever the runners are doing (§3.17, invariant 18).
+//! their model exactly, whatever the runners are doing (§7.1, invariant 18).
 //!
-//! At the end a final `run(All)` must leave every counter of §4 at zero
+//! At the end a final `run(All)` must leave every counter of §10 at zero
 //! (invariant 26), the delayed-refs reserve back to its starting size, every
 //! reserved byte back in the space info, and the extent tree equal to the
 //! oracle: per extent the refs, every backref key's count, and the flags the
-//! extent ops set (ops OR together in any order, §3.6 step 4).
+//! extent ops set (ops OR together in any order, §4.6 step 4).
 //!
 //! Every test is generic over `D: DelayedRefs`; see `common::for_each_impl!`.
 
@@ -96,7 +96,7 @@ impl<'a, D: DelayedRefs> Adder<'a, D> {
         }
     }
 
-    /// The handle, renewed every 64 operations (start/end transaction, §3.20.10).
+    /// The handle, renewed every 64 operations (start/end transaction, §8.10).
     fn handle(&mut self) -> &mut TransHandle {
         self.ops += 1;
         self.h.get(&self.refs.fs().reserves)

@@ -1,5 +1,5 @@
-//! Readers return disk + pending as of one point inside the call (spec
-//! §3.17, invariant 18), even when their backend lookup is slow.
+//! Readers return disk + pending as of one point inside the call (semantics.md
+//! §7.1, invariant 18), even when their backend lookup is slow.
 //!
 //! A backend whose `lookup` pauses at two gates (before it reads the tree,
 //! after it read it) and whose first DROP pauses the runner lets each test

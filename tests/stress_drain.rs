@@ -1,21 +1,21 @@
-//! Concurrent adders, runners and readers, then the commit drain (spec
-//! §3.16, §3.17, §3.20; invariants 18 and 26 of §4).
+//! Concurrent adders, runners and readers, then the commit drain (semantics.md
+//! §6.5, §7.1, §8; invariants 18 and 26 of §10).
 //!
 //! Four adder threads queue refs while four runner threads run delayed refs
 //! (one loops on `run(Ready)`, one on `run(Bytes(..))`, two on `run_one`), a
 //! reader thread calls `lookup_extent_info`, and a blocker thread registers
-//! and drops tree-mod-log blockers so heads get held back (§3.11, §3.22).
+//! and drops tree-mod-log blockers so heads get held back (§5.2, §5.3).
 //!
 //! The adders produce valid histories only: each owns its extents. An extent
 //! starts with `AddExtent` (must_insert_reserved; data with reserved bytes,
 //! tree blocks with a flags op), then gets adds and drops of its backrefs
 //! that keep its refcount at 1 or more (tree backrefs stay 0 or 1, so no tree
-//! ref runs with a count other than 1, §5.14), extent ops on tree blocks, and
+//! ref runs with a count other than 1, §11.14), extent ops on tree blocks, and
 //! is sometimes freed (every ref dropped, possibly before its insert ran:
-//! a cancelled allocation, §5.11b). Each adder also adds and drops backrefs
+//! a cancelled allocation, §11.11b). Each adder also adds and drops backrefs
 //! with its own keys on a few existing extents every adder shares.
 //!
-//! Readers (§3.17, invariant 18: a reader never sees a ref taken from its
+//! Readers (§7.1, invariant 18: a reader never sees a ref taken from its
 //! head but not yet applied):
 //! - each adder checks `lookup_extent_info` of its own live extents against
 //!   its exact count, and on the shared extents a lower bound (the base
@@ -103,7 +103,7 @@ struct Adder<'a, D: DelayedRefs> {
 }
 
 impl<'a, D: DelayedRefs> Adder<'a, D> {
-    /// The handle, renewed every 64 calls (start/end transaction, §3.20.10).
+    /// The handle, renewed every 64 calls (start/end transaction, §8.10).
     fn handle(&mut self) -> &mut TransHandle {
         self.ops += 1;
         self.h.get(&self.refs.fs().reserves)
@@ -266,7 +266,7 @@ impl<'a, D: DelayedRefs> Adder<'a, D> {
     }
 
     /// Readers see disk + pending exactly for this adder's extents, and at
-    /// least the base plus this adder's refs on the shared ones (§3.17).
+    /// least the base plus this adder's refs on the shared ones (§7.1).
     fn read_check(&mut self) {
         for b in self.slots.iter().flatten() {
             let want = self.own[b].total();
@@ -442,7 +442,7 @@ fn drain_round<D: DelayedRefs>(seed: u64, ops_per_adder: u64) {
     }
     assert!(reads.load(Ordering::Relaxed) > 0, "{name}: the reader checked nothing");
 
-    // The commit drain (§3.16.1 with U64_MAX, invariant 26).
+    // The commit drain (§6.5 with U64_MAX, invariant 26).
     let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
     let st = refs.commit_drain(&tree, &pool).unwrap();
     assert_eq!(st.held_back, 0, "{name}: no blocker left");

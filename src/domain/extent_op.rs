@@ -1,4 +1,4 @@
-//! Extent ops: pending in-place edits of an extent item (spec §1.4, §3.6 step 4).
+//! Extent ops: pending in-place edits of an extent item (semantics.md §2.3, §4.6 step 4).
 
 #![forbid(unsafe_code)]
 
@@ -13,7 +13,7 @@ pub struct DiskKey {
     pub offset: u64,
 }
 
-/// A pending edit of an extent item (spec §1.4). Only metadata heads carry one.
+/// A pending edit of an extent item (semantics.md §2.3). Only metadata heads carry one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ExtentOp {
     /// Key to write when `update_key` is set.
@@ -34,7 +34,7 @@ impl ExtentOp {
         ExtentOp { update_flags: true, flags_to_set: flags, level, ..ExtentOp::default() }
     }
 
-    /// Merge a later op into this one (spec §3.6 step 4): a later key
+    /// Merge a later op into this one (semantics.md §4.6 step 4): a later key
     /// replaces the key, flags accumulate, `level` stays. The merge is
     /// commutative in the flags and last-writer-wins in the key.
     pub fn merge(&mut self, upd: &ExtentOp) {

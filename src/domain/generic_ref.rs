@@ -1,4 +1,4 @@
-//! The caller's description of one ref change (spec §1.2) and its builders.
+//! The caller's description of one ref change (semantics.md §2.1) and its builders.
 
 #![forbid(unsafe_code)]
 
@@ -26,8 +26,15 @@ pub enum RefPayload {
     },
 }
 
-/// One requested ref change (`struct btrfs_ref`, spec §1.2). Caller-owned,
+/// One requested ref change (`struct btrfs_ref`, semantics.md §2.1). Caller-owned,
 /// never stored by the structure.
+///
+/// This is the kernel-shaped form, kept for the port-faithful API: start with
+/// [`GenericRef::new`], then finish with [`GenericRef::tree`] or
+/// [`GenericRef::data`]. To write a ref by hand, prefer the typed builders
+/// [`TreeRef`](crate::TreeRef), [`SharedBlockRef`](crate::SharedBlockRef),
+/// [`DataRef`](crate::DataRef) and [`SharedDataRef`](crate::SharedDataRef),
+/// which name every field and check them.
 ///
 /// ```
 /// use delayed_refs::{Action, GenericRef, RefKey};
@@ -54,8 +61,21 @@ pub struct GenericRef {
 }
 
 impl GenericRef {
-    /// Start a ref (`btrfs_init_generic_ref`); finish it with [`GenericRef::tree`]
-    /// or [`GenericRef::data`]. Until then it is a level-0 tree ref of root 0.
+    /// Start a ref (`btrfs_init_generic_ref`):
+    ///
+    /// - `action`: what to queue;
+    /// - `bytenr`, `num_bytes`: the extent;
+    /// - `parent`: the referencing tree block for a shared backref, 0 for a
+    ///   keyed one (the backref type follows from it, semantics.md §1.3);
+    /// - `owning_root`: the root that owns the extent (0 allowed on drops).
+    ///
+    /// Finish it with [`GenericRef::tree`] or [`GenericRef::data`]. Until then
+    /// it is a tree ref of root 0: `add_tree_ref` refuses it when `parent` is 0
+    /// ([`Error::MissingRoot`](crate::Error::MissingRoot)) and `add_data_ref`
+    /// refuses any tree payload ([`Error::BadAction`](crate::Error::BadAction)).
+    /// A shared block ref (`parent != 0`) without `.tree()` cannot be told
+    /// apart from one of root 0, so it is accepted; the typed builders
+    /// ([`SharedBlockRef`](crate::SharedBlockRef)) rule that out.
     pub fn new(action: Action, bytenr: u64, num_bytes: u64, parent: u64, owning_root: u64) -> Self {
         GenericRef {
             action,
@@ -68,14 +88,42 @@ impl GenericRef {
         }
     }
 
-    /// Make it a tree ref (`btrfs_init_tree_ref`).
+    /// Make it a tree ref (`btrfs_init_tree_ref`):
+    ///
+    /// - `level`: the block's level (0 for leaves); not part of the backref;
+    /// - `root`: the referencing tree (for a shared ref, the tree the block
+    ///   belongs to: it decides the tree-mod-log seq and qgroup accounting);
+    /// - `mod_root`: the root whose change caused the ref, or 0 for `root`
+    ///   itself (relocation passes the relocation tree);
+    /// - `skip`: never create a qgroup record for it.
+    ///
+    /// `skip_qgroup` becomes [`skip_qgroup(root, mod_root, skip)`](skip_qgroup).
     pub fn tree(mut self, level: u8, root: u64, mod_root: u64, skip: bool) -> Self {
         self.payload = RefPayload::Tree { level, root };
         self.skip_qgroup = skip_qgroup(root, mod_root, skip);
         self
     }
 
-    /// Make it a data ref (`btrfs_init_data_ref`).
+    /// Make it a data ref (`btrfs_init_data_ref`):
+    ///
+    /// - `root`: the referencing tree (subvolume);
+    /// - `ino`: the inode number of the file;
+    /// - `offset`: the file offset minus the offset inside the extent (the
+    ///   key offset of the file extent item minus its extent offset);
+    /// - `mod_root`: the root whose change caused the ref, or 0 for `root`
+    ///   itself;
+    /// - `skip`: never create a qgroup record for it.
+    ///
+    /// For a shared data ref (`parent != 0`) only `root` matters beyond the
+    /// parent: `ino` and `offset` are not part of the backref.
+    /// `skip_qgroup` becomes [`skip_qgroup(root, mod_root, skip)`](skip_qgroup).
+    ///
+    /// ```
+    /// use delayed_refs::{Action, GenericRef, RefKey};
+    /// // Inode 257 of subvolume 256 references the extent at file offset 0.
+    /// let r = GenericRef::new(Action::Add, 1 << 30, 8192, 0, 256).data(256, 257, 0, 0, false);
+    /// assert_eq!(r.ref_key(), RefKey::ExtentData { root: 256, objectid: 257, offset: 0 });
+    /// ```
     pub fn data(mut self, root: u64, ino: u64, offset: u64, mod_root: u64, skip: bool) -> Self {
         self.payload = RefPayload::Data { root, ino, offset };
         self.skip_qgroup = skip_qgroup(root, mod_root, skip);
@@ -102,7 +150,7 @@ impl GenericRef {
         }
     }
 
-    /// The backref identity this ref queues (type from `parent`, spec §1.1).
+    /// The backref identity this ref queues (type from `parent`, semantics.md §1.3).
     pub fn ref_key(&self) -> RefKey {
         let parent = self.parent;
         match (RefType::choose(self.is_data(), parent), self.payload) {
@@ -117,14 +165,14 @@ impl GenericRef {
     }
 
     /// The node identity at creation: fs-tree refs take the current
-    /// tree-mod-log seq, others 0 (spec §3.3).
+    /// tree-mod-log seq, others 0 (semantics.md §4.3).
     pub fn node_key(&self, current_seq: u64) -> NodeKey {
         let seq = if is_fstree(self.ref_root()) { current_seq } else { 0 };
         NodeKey { key: self.ref_key(), seq }
     }
 }
 
-/// `skip_qgroup` as computed by the init helpers (spec §1.2).
+/// `skip_qgroup` as computed by the init helpers (semantics.md §2.1).
 pub fn skip_qgroup(root: u64, mod_root: u64, skip: bool) -> bool {
     skip || !(is_fstree(root) && (mod_root == 0 || is_fstree(mod_root)))
 }

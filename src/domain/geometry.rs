@@ -1,12 +1,12 @@
-//! Reservation size formulas C, K, L, I, M for a configurable geometry (spec notation table).
+//! Reservation size formulas C, K, L, I, M for a configurable geometry (semantics.md §1.2).
 
 #![forbid(unsafe_code)]
 
 /// `BTRFS_MAX_LEVEL`.
 pub const MAX_LEVEL: u64 = 8;
-/// Size of a leaf header (spec: 101 bytes).
+/// Size of a leaf header (semantics.md §1.2: 101 bytes).
 pub const LEAF_HEADER: u64 = 101;
-/// Size of an item header (spec: 25 bytes).
+/// Size of an item header (semantics.md §1.2: 25 bytes).
 pub const ITEM_HEADER: u64 = 25;
 
 /// Filesystem geometry the formulas depend on.
@@ -76,7 +76,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn worked_numbers_from_the_spec() {
+    fn worked_numbers_of_semantics_1_2() {
         let g = Geometry::default();
         assert_eq!(g.delayed_ref_bytes(1), 512 * 1024);
         assert_eq!(g.csum_bytes(1), 128 * 1024);

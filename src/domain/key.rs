@@ -1,4 +1,4 @@
-//! Ref identity and the node order (spec §1.3, §2.1).
+//! Ref identity and the node order (semantics.md §2.2, §3.1).
 
 #![forbid(unsafe_code)]
 
@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 
 use super::kind::RefType;
 
-/// The identity of a backref, without the tree-mod-log seq (spec §1.3).
+/// The identity of a backref, without the tree-mod-log seq (semantics.md §2.2).
 ///
 /// A tree ref's `level` is deliberately not part of the identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,7 +66,7 @@ impl RefKey {
         })
     }
 
-    /// The type-specific fields in comparison order (§2.1 step 2); unused
+    /// The type-specific fields in comparison order (§3.1 step 2); unused
     /// slots are zero and only ever compared against refs of the same type.
     pub(crate) fn fields(&self) -> [u64; 3] {
         match *self {
@@ -76,7 +76,7 @@ impl RefKey {
         }
     }
 
-    /// Compare two identities: type code, then the type's fields (§2.1 steps 1-2).
+    /// Compare two identities: type code, then the type's fields (§3.1 steps 1-2).
     pub fn cmp_identity(&self, other: &RefKey) -> Ordering {
         (self.ref_type() as u8).cmp(&(other.ref_type() as u8)).then_with(|| self.fields().cmp(&other.fields()))
     }
@@ -105,11 +105,11 @@ pub struct NodeKey {
     pub seq: u64,
 }
 
-/// The node comparator of spec §2.1. `check_seq = true` is the insertion
+/// The node comparator of semantics.md §3.1. `check_seq = true` is the insertion
 /// order (equal ⇒ same node ⇒ merge); `false` finds "same backref, other seq"
-/// for the merge pass (§3.10).
+/// for the merge pass (§5.1).
 ///
-/// A sign slip in the kernel's version of this function (spec §5.2) broke
+/// A sign slip in the kernel's version of this function (semantics.md §11.2) broke
 /// antisymmetry; `tests/comparator.rs` checks the order laws as properties.
 pub fn comp_refs(a: &NodeKey, b: &NodeKey, check_seq: bool) -> Ordering {
     let ord = a.key.cmp_identity(&b.key);

@@ -1,8 +1,8 @@
-//! Actions, ref key types and root ids (spec §1.1).
+//! Actions, ref key types and root ids (semantics.md §1.3).
 
 #![forbid(unsafe_code)]
 
-/// What a queued change does to an extent's reference count (spec §1.1).
+/// What a queued change does to an extent's reference count (semantics.md §1.3).
 ///
 /// Nodes only ever carry [`Action::Add`] or [`Action::Drop`]; the other two
 /// actions exist on the input side only.
@@ -22,7 +22,7 @@ pub enum Action {
 
 impl Action {
     /// The signed contribution of one call with this action to a head's
-    /// `ref_mod` / `total_ref_mod` (spec §3.4 step 2).
+    /// `ref_mod` / `total_ref_mod` (semantics.md §4.4 step 2).
     pub fn count_mod(self) -> i64 {
         match self {
             Action::Add | Action::AddExtent => 1,
@@ -31,7 +31,7 @@ impl Action {
         }
     }
 
-    /// The action a node created by this call carries (spec §3.3).
+    /// The action a node created by this call carries (semantics.md §4.3).
     pub fn node_action(self) -> Action {
         match self {
             Action::AddExtent => Action::Add,
@@ -50,8 +50,8 @@ impl Action {
     }
 }
 
-/// On-disk backref key types (spec §1.1). The discriminants are the key type
-/// codes, which are also the first field of the node order (§2.1).
+/// On-disk backref key types (semantics.md §1.3). The discriminants are the key type
+/// codes, which are also the first field of the node order (§3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum RefType {
@@ -72,7 +72,7 @@ impl RefType {
     }
 
     /// The type for a tree (`is_data == false`) or data ref with this parent
-    /// (spec §1.1 "type choice").
+    /// (semantics.md §1.3 "type choice").
     pub fn choose(is_data: bool, parent: u64) -> RefType {
         match (is_data, parent != 0) {
             (false, false) => RefType::TreeBlock,
@@ -94,7 +94,7 @@ impl RefType {
     }
 }
 
-/// Well-known root ids (spec §1.1).
+/// Well-known root ids (semantics.md §1.3).
 pub mod roots {
     /// The chunk tree: refs rooted here mark a head `is_system`.
     pub const CHUNK_TREE: u64 = 3;
@@ -111,7 +111,7 @@ pub mod roots {
 }
 
 /// Whether `root` is a subvolume tree whose refs carry a tree-mod-log seq and
-/// qgroup accounting (spec §1.1): 5, or at least 256 with qgroup level 0.
+/// qgroup accounting (semantics.md §1.3): 5, or at least 256 with qgroup level 0.
 pub fn is_fstree(root: u64) -> bool {
     root == roots::FS_TREE || ((root as i64) >= roots::FIRST_FREE as i64 && root >> 48 == 0)
 }

@@ -1,4 +1,4 @@
-//! The merge pass's arithmetic (spec §3.10), shared by both implementations.
+//! The merge pass's arithmetic (semantics.md §5.1), shared by both implementations.
 
 #![forbid(unsafe_code)]
 

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod builders;
 pub mod extent_op;
 pub mod generic_ref;
 pub mod geometry;

@@ -1,4 +1,4 @@
-//! Qgroup extent records: at most one per bytenr per transaction (spec §1.9, §3.21).
+//! Qgroup extent records: at most one per bytenr per transaction (semantics.md §2.8, §9).
 
 #![forbid(unsafe_code)]
 
@@ -17,13 +17,13 @@ pub struct QgroupRecord {
 }
 
 impl QgroupRecord {
-    /// Build the record an add would insert (spec §3.4 step 4).
+    /// Build the record an add would insert (semantics.md §4.4 step 4).
     pub fn new(bytenr: u64, num_bytes: u64, ref_root: u64, reserved: u64) -> Self {
         let (data_rsv, data_rsv_refroot) = if ref_root != 0 && reserved != 0 { (reserved, ref_root) } else { (0, 0) };
         QgroupRecord { bytenr, num_bytes, data_rsv, data_rsv_refroot }
     }
 
-    /// Fold a duplicate into the existing record (spec §3.21): the
+    /// Fold a duplicate into the existing record (semantics.md §9): the
     /// reservation is copied only when the existing record has none.
     pub fn absorb(&mut self, dup: &QgroupRecord) {
         if dup.data_rsv != 0 && self.data_rsv == 0 {

@@ -1,4 +1,4 @@
-//! The tree-mod-log seq tracker: blockers and the lowest seq (spec §3.22, lock L7).
+//! The tree-mod-log seq tracker: blockers and the lowest seq (semantics.md §5.3, lock L7).
 //!
 //! # Following a recorded numbering
 //!
@@ -81,7 +81,7 @@ impl SeqTracker {
         Self::default()
     }
 
-    /// The current `tree_mod_seq` (read, not incremented: spec §3.3).
+    /// The current `tree_mod_seq` (read, not incremented: semantics.md §4.3).
     pub fn current(&self) -> u64 {
         // SeqCst: pairs with the SeqCst increment in `register`/`bump`.
         self.seq.load(Ordering::SeqCst)
@@ -213,7 +213,7 @@ impl SeqTracker {
         self.lowest.load(Ordering::Acquire)
     }
 
-    /// Whether a node with this seq must be held back (spec §3.11).
+    /// Whether a node with this seq must be held back (semantics.md §5.2).
     pub fn holds_back(&self, seq: u64) -> bool {
         if seq == 0 {
             return false;
@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(b.seq(), 2);
         assert_eq!(t.lowest_seq(), 1);
         assert!(t.holds_back(1) && t.holds_back(3));
-        assert!(!t.holds_back(0), "seq 0 is never held back (§5.15)");
+        assert!(!t.holds_back(0), "seq 0 is never held back (§11.15)");
         drop(a);
         assert_eq!(t.lowest_seq(), 2);
         assert!(!t.holds_back(1));

@@ -34,7 +34,7 @@ pub struct ExtentItem {
     pub backrefs: BTreeMap<RefKey, u64>,
 }
 
-/// A strict in-memory [`ExtentTree`] (spec §3.16.6): a new item is inserted
+/// A strict in-memory [`ExtentTree`] (semantics.md §6.10): a new item is inserted
 /// only under must_insert_reserved; adding to a missing extent, dropping a
 /// backref below zero and a tree ref with `ref_mod != 1` are errors; an item
 /// whose refs reach 0 is deleted. Errors change nothing.

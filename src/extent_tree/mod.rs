@@ -1,4 +1,4 @@
-//! The backend the runner applies refs and extent ops to (spec §3.16.6), and
+//! The backend the runner applies refs and extent ops to (semantics.md §6.10), and
 //! a strict in-memory implementation.
 
 #![forbid(unsafe_code)]
@@ -49,15 +49,15 @@ pub struct ExtentInfo {
 /// An extent tree the runner applies refs to. Implementations are shared by
 /// concurrent runners; each call must be atomic for its extent.
 pub trait ExtentTree: Send + Sync {
-    /// Apply one merged ref (spec §3.16.6). On error nothing may have changed.
+    /// Apply one merged ref (semantics.md §6.10). On error nothing may have changed.
     fn apply_ref(&self, run: &RefRun<'_>) -> Result<(), ExtentError>;
 
     /// Apply an extent op to an existing item (`run_delayed_extent_op`,
-    /// spec §3.16.7 step 1).
+    /// semantics.md §6.11 step 1).
     fn apply_extent_op(&self, bytenr: u64, num_bytes: u64, is_data: bool, op: &ExtentOp) -> Result<(), ExtentError>;
 
-    /// A reserved extent whose item was never inserted is pinned (spec §3.16.7
-    /// step 4, §3.19). The in-memory tree only counts it.
+    /// A reserved extent whose item was never inserted is pinned (semantics.md §6.11
+    /// step 4, §7.3). The in-memory tree only counts it.
     fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool);
 
     /// The extent's on-disk refs and flags, `None` if it has no item.

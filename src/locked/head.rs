@@ -28,7 +28,7 @@ pub(crate) struct Node {
     pub add_gen: u64,
 }
 
-/// Everything a head's lock protects (spec §1.5, L2). The fields are
+/// Everything a head's lock protects (semantics.md §2.4, L2). The fields are
 /// private: the rest of the port changes them only through the transitions
 /// below, each taking `&mut self`, i.e. with the head lock held.
 #[derive(Debug, Default)]
@@ -44,7 +44,7 @@ pub(crate) struct HeadInner {
     next_gen: u64,
 }
 
-/// What inserting one ref did to the head's tree (spec §3.7).
+/// What inserting one ref did to the head's tree (semantics.md §4.7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum InsertEffect {
     /// A new node was linked (`num_entries++`, `delayed_ref_updates++`).
@@ -63,7 +63,7 @@ impl Node {
 }
 
 impl HeadInner {
-    /// `init_delayed_ref_head` (spec §3.4): the state of a new head from the
+    /// `init_delayed_ref_head` (semantics.md §4.4): the state of a new head from the
     /// first update of its bytenr.
     fn from_update(upd: &HeadUpdate) -> Self {
         HeadInner {
@@ -113,7 +113,7 @@ impl HeadInner {
         !self.refs.is_empty()
     }
 
-    /// `update_existing_head_ref` (spec §3.6 steps 2-6) on a head of the
+    /// `update_existing_head_ref` (semantics.md §4.6 steps 2-6) on a head of the
     /// same kind (step 1 is the caller's). Returns `total_ref_mod` as it was
     /// before, for the caller's pending csum accounting.
     pub fn update_existing(&mut self, upd: &HeadUpdate) -> i64 {
@@ -141,7 +141,7 @@ impl HeadInner {
         g
     }
 
-    /// Insert or merge `ref_mod` refs of `action` for `key` (spec §3.7).
+    /// Insert or merge `ref_mod` refs of `action` for `key` (semantics.md §4.7).
     pub fn insert_ref(&mut self, key: NodeKey, action: Action, ref_mod: u64, level: u8) -> InsertEffect {
         match self.refs.get(&key).copied() {
             None => {
@@ -153,7 +153,7 @@ impl HeadInner {
                 if e.action == action {
                     e.ref_mod += ref_mod;
                 } else if e.ref_mod < ref_mod {
-                    // Flip: the add list follows the action (§2.3).
+                    // Flip: the add list follows the action (§3.3).
                     e.action = action;
                     e.ref_mod = ref_mod - e.ref_mod;
                     e.add_gen = if action == Action::Add { self.link_add(key) } else { 0 };
@@ -176,8 +176,8 @@ impl HeadInner {
         self.refs.remove(key)
     }
 
-    /// Take the selected `node` at `key` off the head to run it (spec
-    /// §3.16.4): unlink it and drop its count from `ref_mod`.
+    /// Take the selected `node` at `key` off the head to run it (semantics.md
+    /// §6.8): unlink it and drop its count from `ref_mod`.
     pub fn take_ref(&mut self, key: &NodeKey, node: &Node) {
         self.remove_node(key);
         self.ref_mod -= node.signed();
@@ -194,7 +194,7 @@ impl HeadInner {
         self.extent_op.take()
     }
 
-    /// `cleanup_extent_op` (spec §3.16.7 step 1): take the extent op; it is
+    /// `cleanup_extent_op` (semantics.md §6.11 step 1): take the extent op; it is
     /// returned to be run unless the extent was never inserted, in which case
     /// it is discarded.
     pub fn cleanup_extent_op(&mut self) -> Option<ExtentOp> {
@@ -242,7 +242,7 @@ impl HeadInner {
         nodes
     }
 
-    /// `select_delayed_ref` (spec §2.4): the oldest ADD, else the leftmost node.
+    /// `select_delayed_ref` (semantics.md §3.4): the oldest ADD, else the leftmost node.
     pub fn select_ref(&mut self) -> Option<(NodeKey, Node)> {
         while let Some(&(key, g)) = self.add_list.front() {
             match self.refs.get(&key) {
@@ -255,7 +255,7 @@ impl HeadInner {
         self.refs.iter().next().map(|(k, n)| (*k, *n))
     }
 
-    /// `btrfs_merge_delayed_refs` (spec §3.10) for a metadata head with the
+    /// `btrfs_merge_delayed_refs` (semantics.md §5.1) for a metadata head with the
     /// lowest blocker seq `seq` (0 = none): every run of nodes with one
     /// identity and a seq older than the blocker collapses to at most one.
     /// Returns the number of nodes dropped.
@@ -301,7 +301,7 @@ impl HeadInner {
     }
 }
 
-/// A head (spec §1.5). `processing` and `linked` are only written under the
+/// A head (semantics.md §2.4). `processing` and `linked` are only written under the
 /// root lock (L1), like the kernel's; the rest lives under the head lock.
 /// Their setters take a `&Root` as witness that L1 is held.
 #[derive(Debug)]
@@ -321,7 +321,7 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    /// `init_delayed_ref_head` (spec §3.4): a new head, not yet linked, for
+    /// `init_delayed_ref_head` (semantics.md §4.4): a new head, not yet linked, for
     /// the first update of its bytenr.
     pub fn new(upd: &HeadUpdate) -> Self {
         Head {

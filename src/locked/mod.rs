@@ -60,7 +60,7 @@ mod root {
         (bytenr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize
     }
 
-    /// What the root lock protects (spec §1.6, L1).
+    /// What the root lock protects (semantics.md §2.5, L1).
     #[derive(Debug, Default)]
     pub(super) struct Root {
         heads: BTreeMap<u64, Arc<Head>>,
@@ -136,7 +136,7 @@ mod root {
             }
         }
 
-        /// `add_delayed_ref_head`'s root part (spec §3.5 step 4): link a new
+        /// `add_delayed_ref_head`'s root part (semantics.md §4.5 step 4): link a new
         /// head, count it in `num_heads` and `num_heads_ready`, and bump its
         /// stripe of `heads_created`. The caller counts its entry.
         pub(super) fn insert_head(&mut self, h: Arc<Head>) {
@@ -149,7 +149,7 @@ mod root {
         }
 
         /// A data head's net count turned negative: its csum deletions are
-        /// pending (spec §3.5, §3.6).
+        /// pending (semantics.md §4.5, §4.6).
         pub(super) fn add_pending_csums(&mut self, bytes: u64) {
             self.pending_csums = self.pending_csums.wrapping_add(bytes);
         }
@@ -160,7 +160,7 @@ mod root {
             self.pending_csums = self.pending_csums.wrapping_sub(bytes);
         }
 
-        /// `btrfs_select_ref_head` (spec §3.13): the first head not being
+        /// `btrfs_select_ref_head` (semantics.md §6.2): the first head not being
         /// processed, round robin from the cursor; it is marked processing,
         /// leaves `num_heads_ready`, and the cursor moves past its extent.
         /// None: every head is taken, and the cursor restarts at 0.
@@ -183,7 +183,7 @@ mod root {
             Some(h)
         }
 
-        /// `unselect_delayed_ref_head` (spec §3.16.5): `h` is no longer
+        /// `unselect_delayed_ref_head` (semantics.md §6.9): `h` is no longer
         /// processed and is ready again.
         pub(super) fn unselect_head(&mut self, h: &Head) {
             h.clear_processing(self);
@@ -218,14 +218,14 @@ impl LockedRefs {
         self.num_entries.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// `btrfs_delete_ref_head` (spec §3.16.7 step 3), root and head locks
+    /// `btrfs_delete_ref_head` (semantics.md §6.11 step 3), root and head locks
     /// held: unlink `h` and count its entry gone.
     fn delete_ref_head(&self, root: &mut Root, h: &Head) {
         root.delete_head(h);
         self.entries_add(-1);
     }
 
-    /// `btrfs_cleanup_ref_head_accounting` (spec §3.16.7 step 5) of a deleted
+    /// `btrfs_cleanup_ref_head_accounting` (semantics.md §6.11 step 5) of a deleted
     /// head, root and head locks held: a data head whose net count deletes
     /// takes its bytes out of `pending_csums` and releases its csum leaves
     /// from the reserve. Returns the leaves released, if any.
@@ -240,8 +240,8 @@ impl LockedRefs {
         Some(lv)
     }
 
-    /// Find-or-create the head and apply the head update (spec §3.5, §3.6),
-    /// then insert the node (§3.7), all under L1 as in the kernel.
+    /// Find-or-create the head and apply the head update (semantics.md §4.5, §4.6),
+    /// then insert the node (§4.7), all under L1 as in the kernel.
     fn add_locked(
         &self,
         trans: &mut TransHandle,
@@ -255,7 +255,7 @@ impl LockedRefs {
         let existing = root.head(upd.bytenr).cloned();
         if let Some(h) = &existing {
             if h.is_data != upd.is_data {
-                // The kernel BUGs (§3.6 step 1); checked before any change.
+                // The kernel BUGs (§4.6 step 1); checked before any change.
                 return Err(Error::DataMismatch { bytenr: upd.bytenr, head_is_data: h.is_data });
             }
         }
@@ -267,7 +267,7 @@ impl LockedRefs {
         let head = match existing {
             Some(h) => {
                 let mut hi = h.inner.lock();
-                // §3.6 steps 2-6.
+                // §4.6 steps 2-6.
                 let old = hi.update_existing(&upd);
                 if h.is_data {
                     let lv = g.csum_leaves(hi.num_bytes());
@@ -283,7 +283,7 @@ impl LockedRefs {
                 h
             }
             None => {
-                // §3.4 init, §3.5 step 4 link.
+                // §4.4 init, §4.5 step 4 link.
                 let h = Arc::new(Head::new(&upd));
                 root.insert_head(h.clone());
                 if upd.is_data && upd.count_mod < 0 {
@@ -303,7 +303,7 @@ impl LockedRefs {
                 }
                 InsertEffect::Merged => out.merged = true,
                 InsertEffect::Dropped => {
-                    // drop_delayed_ref (§3.9).
+                    // drop_delayed_ref (§4.9).
                     out.merged = true;
                     self.entries_add(-1);
                     self.fs.reserves.delayed_refs_rsv_release(1, 0);
@@ -331,7 +331,7 @@ impl LockedRefs {
         Ok(out)
     }
 
-    /// Unselect a head (spec §3.16.5); the caller then drops its token.
+    /// Unselect a head (semantics.md §6.9); the caller then drops its token.
     fn unselect(&self, head: &Head) {
         self.root.lock().unselect_head(head);
     }
@@ -398,7 +398,7 @@ impl DelayedRefs for LockedRefs {
                 }
                 continue;
             };
-            // §3.17: the token hides a ref taken from the head but not yet on disk.
+            // §7.1: the token hides a ref taken from the head but not yet on disk.
             let Some(token) = h.token.try_lock_arc() else {
                 drop(root);
                 drop(h.token.lock());

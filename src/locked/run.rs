@@ -1,4 +1,4 @@
-//! The locked port's run side (spec §3.13-3.16).
+//! The locked port's run side (semantics.md §6.2-6.5).
 
 #![forbid(unsafe_code)]
 
@@ -15,8 +15,8 @@ use crate::extent_tree::{ExtentTree, RefRun};
 
 type Token = ArcMutexGuard<RawMutex, ()>;
 
-/// `btrfs_obtain_ref_head` with `btrfs_delayed_ref_lock` (spec §3.14, §3.16.3).
-/// `Ok(None)`: no head; `Err(())`: -EAGAIN, select again (spec §5.1).
+/// `btrfs_obtain_ref_head` with `btrfs_delayed_ref_lock` (semantics.md §6.3, §6.7).
+/// `Ok(None)`: no head; `Err(())`: -EAGAIN, select again (semantics.md §11.1).
 fn obtain_head(refs: &LockedRefs) -> std::result::Result<Option<(Arc<Head>, Token)>, ()> {
     let mut root = refs.root.lock();
     let Some(h) = root.select_head() else { return Ok(None) };
@@ -69,7 +69,7 @@ fn restore(refs: &LockedRefs, h: &Head, key: crate::NodeKey, node: super::head::
     }
 }
 
-/// Run one selected head to the end (spec §3.16.4, §3.16.7).
+/// Run one selected head to the end (semantics.md §6.8, §6.11).
 fn run_head<B: ExtentTree + ?Sized>(
     refs: &LockedRefs,
     backend: &B,
@@ -79,7 +79,7 @@ fn run_head<B: ExtentTree + ?Sized>(
     let g = *refs.fs.reserves.geometry();
     let mut stats = RunStats { heads: 1, ..RunStats::default() };
     loop {
-        // §3.16.4: refs, adds first, merging before each.
+        // §6.8: refs, adds first, merging before each.
         loop {
             let mut hi = h.inner.lock();
             if !h.is_data {
@@ -132,7 +132,7 @@ fn run_head<B: ExtentTree + ?Sized>(
             stats.refs += 1;
             stats.bytes_released += g.delayed_ref_bytes(1);
         }
-        // §3.16.7 step 1: a leftover extent op (discarded if the extent was
+        // §6.11 step 1: a leftover extent op (discarded if the extent was
         // never inserted).
         let mut hi = h.inner.lock();
         if let Some(op) = hi.cleanup_extent_op() {
@@ -176,7 +176,7 @@ fn run_head<B: ExtentTree + ?Sized>(
     }
 }
 
-/// `btrfs_run_delayed_refs` (spec §3.16.1).
+/// `btrfs_run_delayed_refs` (semantics.md §6.5).
 pub(super) fn run<B: ExtentTree + ?Sized>(refs: &LockedRefs, backend: &B, mode: RunMode) -> Result<RunStats> {
     let ready = if mode == RunMode::Ready { refs.root.lock().num_heads_ready() } else { 0 };
     crate::api::drive_run(

@@ -4,7 +4,7 @@
 //!
 //! Each counter is 16 cache-padded cells; a thread adds to the cell picked by
 //! its thread index, readers sum all cells. No cache line is written by every
-//! thread (BRIEF hazard 7). While threads work, a sum is approximate.
+//! thread (hazard 7). While threads work, a sum is approximate.
 
 #![forbid(unsafe_code)]
 
@@ -48,7 +48,7 @@ impl Striped {
     }
 }
 
-/// The root counters of spec §1.6.
+/// The root counters of semantics.md §2.5.
 #[derive(Debug, Default)]
 pub(crate) struct RootCounters {
     pub num_heads: Striped,

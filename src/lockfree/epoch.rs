@@ -1,6 +1,6 @@
 //! The root's own epoch collector and a per-thread cache of handles to it.
 //!
-//! Each root owns a `crossbeam_epoch::Collector` (VERIFY: teardown is
+//! Each root owns a `crossbeam_epoch::Collector` (so teardown is
 //! deterministic and leak checks pass). Registering a handle costs an
 //! allocation, so each thread keeps a few handles keyed by root id.
 

@@ -25,7 +25,7 @@ pub(crate) trait Indexed {
     fn state(&self) -> &HeadState;
 }
 
-/// Find or create the head for `key`, enter it as an adder (spec §3.5,
+/// Find or create the head for `key`, enter it as an adder (semantics.md §4.5,
 /// hazard 1) and call `f` on it with whether this adder is the head's
 /// first; `f` must leave (exit) before it returns.
 ///
@@ -71,7 +71,7 @@ pub(crate) fn enter<'g, H: Indexed, M: OrderedMap<u64, H>, R>(
     }
 }
 
-/// Close a claimed head from exactly `w0` and unlink it (spec §3.16.7 steps
+/// Close a claimed head from exactly `w0` and unlink it (semantics.md §6.11 steps
 /// 2-3). False: an adder entered since `w0`; the caller keeps its claim.
 pub(crate) fn retire<H: Indexed, E: MapEntry<u64, H>>(entry: &E, w0: u64) -> bool {
     if !entry.value().state().close_from(w0) {

@@ -1,4 +1,4 @@
-//! A head's pending extent op (spec §3.6 step 4): one slot that adders merge
+//! A head's pending extent op (semantics.md §4.6 step 4): one slot that adders merge
 //! into and the runner takes.
 //!
 //! # Implementation details

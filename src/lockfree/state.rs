@@ -1,4 +1,4 @@
-//! The head lifecycle state word (BRIEF hazard 1, spec L1 a/b, L3).
+//! The head lifecycle state word (hazard 1, semantics.md L1 a/b, L3).
 //!
 //! # Implementation details
 //!
@@ -143,7 +143,7 @@ impl HeadState {
         }
     }
 
-    /// Give the claim back (unselect, spec §3.16.5).
+    /// Give the claim back (unselect, semantics.md §6.9).
     #[cfg_attr(dref_loom, allow(dead_code))]
     pub(crate) fn unclaim(&self) {
         // Release: the next claimer sees this runner's changes.

@@ -77,7 +77,7 @@ mod word {
         ((a as u32 as u64) << 32) | (b as u32 as u64)
     }
     pub(super) fn unpack(w: Raw) -> (u64, u64) {
-        // Sign-extend the high half so a wrapped size stays "negative" (§5.12).
+        // Sign-extend the high half so a wrapped size stays "negative" (§11.12).
         (((w >> 32) as u32 as i32) as i64 as u64, w as u32 as u64)
     }
 }

@@ -1,4 +1,4 @@
-//! The per-thread transaction handle state (spec §1.7, lock L11: none needed).
+//! The per-thread transaction handle state (semantics.md §2.6, lock L11: none needed).
 
 #![forbid(unsafe_code)]
 

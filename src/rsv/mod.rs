@@ -1,4 +1,4 @@
-//! Block reserves, space info and the per-handle reserve (spec §3.20).
+//! Block reserves, space info and the per-handle reserve (semantics.md §8).
 
 #![forbid(unsafe_code)]
 

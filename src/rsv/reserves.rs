@@ -1,5 +1,5 @@
 //! The delayed-refs block reserve, the global reserve and the metadata space
-//! info with the rules of spec §3.20, over any [`PairCell`].
+//! info with the rules of semantics.md §8, over any [`PairCell`].
 //!
 //! # Implementation details
 //!
@@ -19,7 +19,7 @@ use super::state::{FlushMode, RsvState, SpaceState};
 use crate::domain::geometry::Geometry;
 use crate::error::{Error, Result};
 
-/// Block reserve types that decide where released excess goes (spec §3.20.2).
+/// Block reserve types that decide where released excess goes (semantics.md §8.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RsvType {
     /// The fs-wide delayed refs reserve (`DELREFS`).
@@ -30,7 +30,7 @@ pub enum RsvType {
     DelayedOps,
 }
 
-/// Release routing rule (spec §5.4): the v6.8 behaviour or the later fix.
+/// Release routing rule (semantics.md §11.4): the v6.8 behaviour or the later fix.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ReleaseRouting {
     /// v6.8: `DELOPS` excess (incl. per-handle reserves) goes to the global
@@ -118,7 +118,7 @@ impl<C: PairCell> SpaceInfo<C> {
         SpaceState { used, may_use }
     }
 
-    /// Reserve `n` bytes into `bytes_may_use` (spec §3.20.8).
+    /// Reserve `n` bytes into `bytes_may_use` (semantics.md §8.8).
     pub fn reserve(&self, n: u64, mode: FlushMode) -> Result<()> {
         let total = self.total;
         self.cell.transition(|(used, may_use)| match (SpaceState { used, may_use }).reserve(total, n, mode) {
@@ -150,7 +150,7 @@ pub struct ReservesSnapshot {
     pub space: SpaceState,
 }
 
-/// The fs-wide reserves the delayed-ref subsystem uses (spec §1.8).
+/// The fs-wide reserves the delayed-ref subsystem uses (semantics.md §2.7).
 ///
 /// ```
 /// use delayed_refs::{FlushMode, FsReserves, LockedCell, ReserveConfig};
@@ -214,7 +214,7 @@ impl<C: PairCell> FsReserves<C> {
     }
 
     /// Send released excess of a reserve of type `ty` (not the global one)
-    /// where the routing rule says (spec §3.20.2 step 2, §5.4); what the
+    /// where the routing rule says (semantics.md §8.2 step 2, §11.4); what the
     /// target cannot take goes back to space info.
     fn route_excess(&self, ty: RsvType, excess: u64) {
         if excess == 0 {
@@ -235,7 +235,7 @@ impl<C: PairCell> FsReserves<C> {
     }
 
     /// `btrfs_block_rsv_release` of the delayed refs reserve: shrink by `n`,
-    /// route the excess; returns the excess (spec §3.20.2).
+    /// route the excess; returns the excess (semantics.md §8.2).
     pub fn release_delayed_refs_bytes(&self, n: u64) -> u64 {
         let excess = self.delayed_refs.apply(|s| s.release(n));
         self.route_excess(RsvType::DelayedRefs, excess);
@@ -243,7 +243,7 @@ impl<C: PairCell> FsReserves<C> {
     }
 
     /// `btrfs_delayed_refs_rsv_release(nr_refs, nr_csums)`: release
-    /// `C(nr_refs) + K(nr_csums)` (spec §3.20.2). Returns the bytes released
+    /// `C(nr_refs) + K(nr_csums)` (semantics.md §8.2). Returns the bytes released
     /// from `size` (what the runner counts as progress).
     pub fn delayed_refs_rsv_release(&self, nr_refs: u64, nr_csums: u64) -> u64 {
         let g = self.geometry();
@@ -254,7 +254,7 @@ impl<C: PairCell> FsReserves<C> {
         n
     }
 
-    /// `btrfs_update_delayed_refs_rsv` (spec §3.20.3): move the handle's
+    /// `btrfs_update_delayed_refs_rsv` (semantics.md §8.3): move the handle's
     /// pending node and csum counts into the delayed refs reserve, backed by
     /// the handle's local reserve as far as it goes.
     pub fn update_delayed_refs_rsv(&self, h: &mut TransHandle) {
@@ -277,7 +277,7 @@ impl<C: PairCell> FsReserves<C> {
         self.route_excess(RsvType::DelayedRefs, excess);
     }
 
-    /// `btrfs_delayed_refs_rsv_refill` (spec §3.20.7) with the re-check of §5.3.
+    /// `btrfs_delayed_refs_rsv_refill` (semantics.md §8.7) with the re-check of §11.3.
     pub fn refill(&self, mode: FlushMode) -> Result<()> {
         let limit = self.geometry().delayed_ref_bytes(1);
         let want = self.delayed_refs.state().refill_want(limit);
@@ -290,41 +290,41 @@ impl<C: PairCell> FsReserves<C> {
         Ok(())
     }
 
-    /// `btrfs_migrate_to_delayed_refs_rsv` (spec §3.20.6): `n` bytes already
+    /// `btrfs_migrate_to_delayed_refs_rsv` (semantics.md §8.6): `n` bytes already
     /// in `bytes_may_use` move in up to the gap; the rest is freed.
     pub fn migrate(&self, n: u64) {
         let free = self.delayed_refs.apply(|s| s.migrate(n));
         let _ = self.space.free(free);
     }
 
-    /// `btrfs_inc_delayed_refs_rsv_bg_inserts` (spec §3.20.4).
+    /// `btrfs_inc_delayed_refs_rsv_bg_inserts` (semantics.md §8.4).
     pub fn inc_bg_inserts(&self) {
         self.grow_delayed_refs(self.geometry().insert_metadata_size(1), 0);
     }
 
-    /// `btrfs_dec_delayed_refs_rsv_bg_inserts` (spec §3.20.4).
+    /// `btrfs_dec_delayed_refs_rsv_bg_inserts` (semantics.md §8.4).
     pub fn dec_bg_inserts(&self) {
         self.release_delayed_refs_bytes(self.geometry().insert_metadata_size(1));
     }
 
-    /// `btrfs_inc_delayed_refs_rsv_bg_updates` (spec §3.20.5).
+    /// `btrfs_inc_delayed_refs_rsv_bg_updates` (semantics.md §8.5).
     pub fn inc_bg_updates(&self) {
         self.grow_delayed_refs(self.geometry().metadata_size(1), 0);
     }
 
-    /// `btrfs_dec_delayed_refs_rsv_bg_updates` (spec §3.20.5).
+    /// `btrfs_dec_delayed_refs_rsv_bg_updates` (semantics.md §8.5).
     pub fn dec_bg_updates(&self) {
         self.release_delayed_refs_bytes(self.geometry().metadata_size(1));
     }
 
-    /// `btrfs_check_space_for_delayed_refs` (spec §3.20.1): true if over budget.
+    /// `btrfs_check_space_for_delayed_refs` (semantics.md §8.1): true if over budget.
     pub fn check_space_for_delayed_refs(&self) -> bool {
         let g = self.global.state().reserved;
         let d = self.delayed_refs.state();
         d.size as i64 >= 0 && d.size >= g.saturating_add(d.reserved)
     }
 
-    /// Start a handle (spec §3.20.10): `I(n)` for the transaction reserve plus
+    /// Start a handle (semantics.md §8.10): `I(n)` for the transaction reserve plus
     /// `C(n)` for delayed refs in one reservation; `n == 0` refills instead
     /// (with `FlushAll`).
     pub fn start_transaction(&self, num_items: u64, mode: FlushMode) -> Result<TransHandle> {
@@ -345,9 +345,9 @@ impl<C: PairCell> FsReserves<C> {
         Ok(h)
     }
 
-    /// End a handle (`btrfs_trans_release_metadata`, spec §3.20.10): return
+    /// End a handle (`btrfs_trans_release_metadata`, semantics.md §8.10): return
     /// the transaction reserve and release the local reserve, whose unused
-    /// bytes are routed by type (§5.4). Pending counts are flushed first.
+    /// bytes are routed by type (§11.4). Pending counts are flushed first.
     pub fn end_transaction(&self, mut h: TransHandle) -> Result<()> {
         self.update_delayed_refs_rsv(&mut h);
         self.space.free(h.trans_bytes)?;
@@ -357,7 +357,7 @@ impl<C: PairCell> FsReserves<C> {
         Ok(())
     }
 
-    /// Consume `n` bytes for a COW while running refs (spec §3.20.9): the
+    /// Consume `n` bytes for a COW while running refs (semantics.md §8.9): the
     /// delayed refs reserve, else fresh space, else the global reserve, else
     /// the emergency reserve, else `NoSpace`. The bytes become `used`.
     pub fn use_block_rsv(&self, n: u64) -> Result<()> {

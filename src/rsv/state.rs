@@ -1,6 +1,6 @@
-//! Pure transitions of block reserves and space info (spec §3.20).
+//! Pure transitions of block reserves and space info (semantics.md §8).
 //!
-//! Every rule of §3.20 is a function from one snapshot to the next plus an
+//! Every rule of §8 is a function from one snapshot to the next plus an
 //! output. Both implementations apply the same functions: the locked port
 //! under a mutex, the lock-free one in a CAS loop over one 128-bit word, so
 //! each transition is atomic over `(size, reserved)` (lock L5) and `full` is
@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 
 /// A block reserve's `(size, reserved)` pair. `size` uses wrapping arithmetic:
-/// it may transiently wrap below zero (spec §5.12).
+/// it may transiently wrap below zero (semantics.md §11.12).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RsvState {
     /// Target size of the reserve.
@@ -29,7 +29,7 @@ impl RsvState {
         if self.size as i64 >= 0 { self.size.saturating_sub(self.reserved) } else { 0 }
     }
 
-    /// `block_rsv_release_bytes` (spec §3.20.2 step 2): shrink `size` by `n`
+    /// `block_rsv_release_bytes` (semantics.md §8.2 step 2): shrink `size` by `n`
     /// (`u64::MAX` = everything), clamp `reserved`, return the excess.
     pub fn release(self, n: u64) -> (RsvState, u64) {
         let n = if n == u64::MAX { self.size } else { n };
@@ -41,10 +41,10 @@ impl RsvState {
         }
     }
 
-    /// Grow by `n` bytes of size of which `take` are backed (spec §3.20.3
+    /// Grow by `n` bytes of size of which `take` are backed (semantics.md §8.3
     /// step 3); returns the excess. A grow that brings a wrapped `size` back
     /// (a runner released the node's bytes before its adder grew them,
-    /// §5.12) can leave `reserved` above `size`; it clamps and returns the
+    /// §11.12) can leave `reserved` above `size`; it clamps and returns the
     /// difference exactly as the release would have done in the other
     /// order, so `reserved <= size` holds at quiescence (invariant 22). The
     /// kernel leaves that excess in place until the next release.
@@ -58,36 +58,36 @@ impl RsvState {
         }
     }
 
-    /// Take up to `n` backed bytes out (spec §3.20.3 step 2); returns the amount.
+    /// Take up to `n` backed bytes out (semantics.md §8.3 step 2); returns the amount.
     pub fn take(self, n: u64) -> (RsvState, u64) {
         let t = n.min(self.reserved);
         (RsvState { size: self.size, reserved: self.reserved - t }, t)
     }
 
-    /// Top up from released excess (spec §3.20.2): adds at most the gap;
+    /// Top up from released excess (semantics.md §8.2): adds at most the gap;
     /// returns what did not fit. A full reserve takes nothing.
     pub fn top_up(self, bytes: u64) -> (RsvState, u64) {
         let give = bytes.min(self.gap());
         (RsvState { size: self.size, reserved: self.reserved + give }, bytes - give)
     }
 
-    /// Refill step 1 (spec §3.20.7): how much to ask space info for.
+    /// Refill step 1 (semantics.md §8.7): how much to ask space info for.
     pub fn refill_want(self, limit: u64) -> u64 {
         self.gap().min(limit)
     }
 
-    /// Refill step 4, the re-check (spec §3.20.7, §5.3): apply `want`
+    /// Refill step 4, the re-check (semantics.md §8.7, §11.3): apply `want`
     /// reserved bytes against the gap *now*; return the surplus to free.
     pub fn refill_apply(self, want: u64) -> (RsvState, u64) {
         self.top_up(want)
     }
 
-    /// `btrfs_migrate_to_delayed_refs_rsv` (spec §3.20.6); returns bytes to free.
+    /// `btrfs_migrate_to_delayed_refs_rsv` (semantics.md §8.6); returns bytes to free.
     pub fn migrate(self, n: u64) -> (RsvState, u64) {
         self.top_up(n)
     }
 
-    /// Consume `n` backed bytes (`use_bytes`, spec §3.20.9); `None` if short.
+    /// Consume `n` backed bytes (`use_bytes`, semantics.md §8.9); `None` if short.
     pub fn use_bytes(self, n: u64) -> Option<RsvState> {
         (self.reserved >= n).then(|| RsvState { size: self.size, reserved: self.reserved - n })
     }
@@ -103,7 +103,7 @@ pub struct SpaceState {
     pub may_use: u64,
 }
 
-/// How hard a reservation may try (spec §3.20.8). Without a reclaim engine in
+/// How hard a reservation may try (semantics.md §8.8). Without a reclaim engine in
 /// this crate, every mode but `Emergency` succeeds iff the bytes fit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FlushMode {
@@ -116,7 +116,7 @@ pub enum FlushMode {
 }
 
 impl SpaceState {
-    /// Try to reserve `n` bytes (spec §3.20.8).
+    /// Try to reserve `n` bytes (semantics.md §8.8).
     pub fn reserve(self, total: u64, n: u64, mode: FlushMode) -> Option<SpaceState> {
         let committed = match mode {
             FlushMode::Emergency => self.used,
@@ -150,7 +150,7 @@ mod tests {
 
     #[test]
     fn size_wraps_and_recovers() {
-        // Spec §5.12: a runner's release may precede the adder's grow.
+        // Spec §11.12: a runner's release may precede the adder's grow.
         let s = RsvState { size: 0, reserved: 0 };
         let (w, ex) = s.release(64);
         assert_eq!(ex, 0);
@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn refill_recheck_returns_surplus() {
-        // Spec §5.3: two refillers saw the same gap of 50.
+        // Spec §11.3: two refillers saw the same gap of 50.
         let s = RsvState { size: 100, reserved: 50 };
         assert_eq!(s.refill_want(1000), 50);
         assert_eq!(s.refill_want(20), 20);

@@ -18,16 +18,23 @@ pub struct Cli {
 pub enum Command {
     /// Run a concurrent workload and check the final extent tree against an oracle.
     ///
+    /// Prints a short table (throughput, p99.9 latency, memory verdict and linearizability per
+    /// implementation), lock-free's throughput ratio against each baseline as the median of the per-round
+    /// ratios with their min-max, and one verdict line (`verdict: OK ...` or `verdict: FAIL ...`, which
+    /// decides the exit code). `--details` prints the full tables instead of the short one.
+    ///
     /// Also watches the live heap (the binary's counting allocator): a `mem t=..s live=.. MiB` line goes to
-    /// stderr every max(1, S/20) seconds, and the results give per implementation the peak, the live bytes
-    /// after each round's final run(All) + reclaim(), what the root still held then beyond its fresh size,
-    /// and a flatness verdict (defined in the output). The verdict does not change the exit code.
+    /// stderr every max(1, S/20) seconds, and the results give per implementation a memory verdict (`flat`
+    /// or `GROWS`, rule below; `--details`: the peak, the live bytes after each round's final run(All) +
+    /// reclaim(), and what the root still held then beyond its fresh size). The memory verdict does not
+    /// change the exit code.
     ///
     /// Reader threads (--readers) call lookup_extent_info on every 8th extent while the adders work. After
     /// each round a sample of their reads is checked for linearizability against a history of the adders'
     /// successful calls on those extents: a read must return a count the extent held at one instant while it
     /// ran. Reads checked and violations are reported per implementation (linearizability_* in --json); any
     /// violation fails the verdict, and the first few are printed to stderr (bytenr, value, allowed range).
+    #[command(after_long_help = format!("Memory verdict: {}.", crate::memwatch::FLAT_DEFINITION))]
     Stress(StressArgs),
     /// Measure live heap bytes per pending ref and per head, and the return to baseline.
     #[command(long_about = MEM_LONG_ABOUT)]
@@ -76,7 +83,7 @@ impl ImplChoice {
     }
 }
 
-/// The stress workloads (brief §5).
+/// The stress workloads (the W1-W4 of docs/benchmarks.md and two more).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WorkloadKind {
     /// W1: adders on random bytenrs over `--heads` heads, ~4 refs per head, runners retiring heads.
@@ -145,6 +152,10 @@ pub struct StressArgs {
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Print the full tables (latency percentiles, fairness, memory figures, linearizability per round)
+    /// instead of the short one.
+    #[arg(long)]
+    pub details: bool,
 }
 
 impl Default for StressArgs {
@@ -161,6 +172,7 @@ impl Default for StressArgs {
             rounds: None,
             seed: None,
             json: false,
+            details: false,
         }
     }
 }

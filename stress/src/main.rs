@@ -18,6 +18,9 @@
 // Only the global allocator (`alloc`) needs unsafe code.
 #![deny(unsafe_code)]
 
+#[macro_use]
+mod out;
+
 mod alloc;
 mod check;
 mod cli;

@@ -91,7 +91,7 @@ fn add<D: DelayedRefs>(refs: &D, trans: &mut TransHandle, kind: Kind, bytenr: u6
         Kind::Data => refs.add_data_ref(trans, &gref, if n == 0 { DATA_BYTES } else { 0 }),
         Kind::Tree => refs.add_tree_ref(trans, &gref, None),
     };
-    r.map(|_| ()).map_err(|e| format!("{action:?} {key:?} at {bytenr}: {e}"))
+    r.map(|_| ()).map_err(|e| format!("{action:?} {key:?} at {bytenr}: {}", crate::out::Chain(&e)))
 }
 
 /// Blocks of one size per measured unit (a ref or a head).
@@ -319,7 +319,7 @@ fn warm_up<D: DelayedRefs>(refs: &D, trans: &mut TransHandle) -> Result<(), Stri
                 add(refs, trans, kind, bytenr_of(5, 2 * i + kind as u64), 0)?;
             }
         }
-        refs.run(&tree, RunMode::All).map_err(|e| format!("warm-up run: {e}"))?;
+        refs.run(&tree, RunMode::All).map_err(|e| format!("warm-up run: {}", crate::out::Chain(&e)))?;
         refs.reclaim();
     }
     Ok(())
@@ -340,7 +340,7 @@ pub fn measure<D: DelayedRefs>(cfg: MemConfig) -> Result<ImplMem, String> {
     let tree_figs = measure_kind(&refs, &mut trans, Kind::Tree, cfg, &table, &mut t)?;
     let pending = alloc::live();
     let ext = MemExtentTree::new();
-    let stats = refs.run(&ext, RunMode::All).map_err(|e| format!("run(All): {e}"))?;
+    let stats = refs.run(&ext, RunMode::All).map_err(|e| format!("run(All): {}", crate::out::Chain(&e)))?;
     refs.reclaim();
     let with_tree = alloc::live();
     let c = refs.counters();
@@ -552,9 +552,9 @@ pub fn run(args: &MemArgs) -> i32 {
         }
     }
     if args.json {
-        println!("{}", json(&results));
+        outln!("{}", json(&results));
     } else {
-        print!("{}", table(&results));
+        out!("{}", table(&results));
     }
     if failed || results.iter().any(|r| !r.baseline_restored) { EXIT_FAIL } else { 0 }
 }

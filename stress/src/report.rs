@@ -276,14 +276,15 @@ impl Ratio {
         Ratio { median: ratio(baseline, lockfree), rounds: round_ratios(baseline, lockfree) }
     }
 
-    /// `0.950 (rounds 0.900-1.020, n=3)`, or `n/a`.
+    /// `median 0.950, min-max 0.900-1.020 over 3 rounds`, or `n/a`.
     fn describe(&self) -> String {
         match self.median {
             None => "n/a".into(),
             Some(m) => {
                 let lo = self.rounds.iter().copied().fold(f64::INFINITY, f64::min);
                 let hi = self.rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                format!("{m:.3} (rounds {lo:.3}-{hi:.3}, n={})", self.rounds.len())
+                let n = self.rounds.len();
+                format!("median {m:.3}, min-max {lo:.3}-{hi:.3} over {n} round{}", if n == 1 { "" } else { "s" })
             }
         }
     }
@@ -356,7 +357,46 @@ pub fn json(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratios: 
     serde_json::to_string(&report).expect("report serializes")
 }
 
-/// The human-readable results table, without the verdict line.
+/// The default output, without the verdict line: one row per
+/// implementation (throughput, tail latency, memory verdict, linearizability
+/// reads checked and violations) and lock-free's throughput ratio against
+/// each baseline with its spread over rounds. `--details` prints [`table`].
+pub fn short_table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratios: &Ratios) -> String {
+    let mut out = format!(
+        "{}: {} adder(s), {} runner(s), {} reader(s), {} s per implementation in {} round(s), {} heads, seed {}\n",
+        h.workload, h.threads, h.runners, h.readers, h.seconds, h.rounds, h.heads, h.seed
+    );
+    out.push_str(&format!(
+        "{:<9} {:>12} {:>10} {:>7} {:>24}\n",
+        "impl", "ops/s", "p99.9_us", "memory", "reads_checked/violations"
+    ));
+    for s in sums {
+        let lin = if h.readers > 0 {
+            format!("{}/{}", s.linearizability_reads_checked, s.linearizability_violations)
+        } else {
+            "-".to_string()
+        };
+        out.push_str(&format!(
+            "{:<9} {:>12.0} {:>10.1} {:>7} {:>24}\n",
+            s.impl_name,
+            s.ops_per_sec,
+            s.p999_ns as f64 / 1000.0,
+            if s.mem.mem_flat { "flat" } else { "GROWS" },
+            lin
+        ));
+    }
+    for name in unavailable {
+        out.push_str(&format!("{name:<9} unavailable: {}\n", crate::impls::unavailable_message(name)));
+    }
+    for (name, r) in [("locked", &ratios.over_locked), ("sharded", &ratios.over_sharded)] {
+        if let Some(r) = r {
+            out.push_str(&format!("throughput lockfree/{name}: {}\n", r.describe()));
+        }
+    }
+    out
+}
+
+/// The full results table (`--details`), without the verdict line.
 pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratios: &Ratios) -> String {
     let mut out = format!(
         "workload={} threads={} runners={} readers={} seconds={} heads={} rounds={} seed={}\n",
@@ -408,7 +448,7 @@ pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratios:
                 if s.mem.mem_flat { "flat" } else { "GROWS" }
             ));
         }
-        out.push_str(&format!("({})\n", crate::memwatch::FLAT_DEFINITION));
+        out.push_str("(mem: the rule is in `stress --help`)\n");
     }
     if h.readers > 0 {
         for s in sums {
@@ -433,7 +473,7 @@ pub fn table(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratios:
     for (name, r) in [("locked", &ratios.over_locked), ("sharded", &ratios.over_sharded)] {
         match r {
             Some(r @ Ratio { median: Some(_), .. }) => {
-                out.push_str(&format!("ratio lockfree/{name} (median of rounds): {}\n", r.describe()))
+                out.push_str(&format!("ratio lockfree/{name}: {}\n", r.describe()))
             }
             Some(_) => out.push_str(&format!("ratio lockfree/{name}: n/a\n")),
             None => {}
@@ -576,7 +616,11 @@ mod tests {
         assert_eq!(v["ratio_lockfree_over_sharded"], 0.75);
         assert_eq!(v["round_ratios_lockfree_over_sharded"], serde_json::json!([0.75, 1.0, 0.5]));
         let t = table(&h, &sums, &[], &ratios);
-        assert!(t.contains("ratio lockfree/locked (median of rounds): 1.500 (rounds 1.000-2.000, n=3)"), "{t}");
-        assert!(t.contains("ratio lockfree/sharded (median of rounds): 0.750 (rounds 0.500-1.000, n=3)"), "{t}");
+        assert!(t.contains("ratio lockfree/locked: median 1.500, min-max 1.000-2.000 over 3 rounds"), "{t}");
+        assert!(t.contains("ratio lockfree/sharded: median 0.750, min-max 0.500-1.000 over 3 rounds"), "{t}");
+        let s = short_table(&h, &sums, &[], &ratios);
+        assert!(s.contains("throughput lockfree/locked: median 1.500, min-max 1.000-2.000 over 3 rounds"), "{s}");
+        assert!(s.contains("throughput lockfree/sharded: median 0.750, min-max 0.500-1.000 over 3 rounds"), "{s}");
+        assert_eq!(s.lines().count(), 2 + sums.len() + 2, "{s}");
     }
 }

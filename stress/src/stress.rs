@@ -206,13 +206,17 @@ pub fn run(args: &StressArgs) -> i32 {
     let ratios = ratios(args.impl_choice, &runs);
     let all = report::total(&sums);
     if args.json {
-        println!("{}", report::json(&header, &sums, &unavail, &ratios));
+        outln!("{}", report::json(&header, &sums, &unavail, &ratios));
     } else {
-        print!("{}", report::table(&header, &sums, &unavail, &ratios));
+        if args.details {
+            out!("{}", report::table(&header, &sums, &unavail, &ratios));
+        } else {
+            out!("{}", report::short_table(&header, &sums, &unavail, &ratios));
+        }
         for m in &all.messages {
             eprintln!("violation: {m}");
         }
-        println!("{}", report::verdict_line(&all));
+        outln!("{}", report::verdict_line(&all));
     }
     if all.is_ok() { 0 } else { EXIT_FAIL }
 }

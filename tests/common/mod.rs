@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests: ref builders, a recording
 //! extent-tree wrapper, a state observer for "nothing changed" checks, and the
-//! quiescent-invariant checks of spec §4.
+//! quiescent-invariant checks of semantics.md §10.
 //!
 //! Every test is written once as `fn case<D: DelayedRefs>()` and instantiated
 //! per implementation by [`for_each_impl!`]. The single `mod lockfree` line
@@ -40,7 +40,7 @@ pub const TREE_NB: u64 = 16384;
 /// Length of a data extent in these tests (one csum leaf: L = 1).
 pub const DATA_NB: u64 = 128 * 1024;
 
-/// The four ref kinds (spec §1.1 type choice).
+/// The four ref kinds (semantics.md §1.3 type choice).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// TREE_BLOCK_REF (176).
@@ -269,7 +269,7 @@ pub fn observe<D: DelayedRefs>(refs: &D) -> Observed {
     }
 }
 
-/// Signed count of a node (spec notation `sgn · ref_mod`).
+/// Signed count of a node (semantics.md notation `sgn · ref_mod`).
 pub fn signed(n: &delayed_refs::NodeSnapshot) -> i64 {
     match n.action {
         Action::Add => n.ref_mod as i64,
@@ -309,9 +309,9 @@ pub fn expected_delayed_size(snap: &[HeadSnapshot], g: &Geometry) -> u64 {
     g.delayed_ref_bytes(nodes) + csums
 }
 
-/// Check every invariant of spec §4 observable at quiescence through the API
+/// Check every invariant of semantics.md §10 observable at quiescence through the API
 /// for a root that is the only user of its fs reserves (1-4, 7, 8, 10, 15,
-/// 20-23 and the §3.3 seq rule). Returns the snapshot it checked.
+/// 20-23 and the §4.3 seq rule). Returns the snapshot it checked.
 pub fn check_quiescent<D: DelayedRefs>(refs: &D) -> Vec<HeadSnapshot> {
     let snap = refs.snapshot();
     let c = refs.counters();
@@ -336,10 +336,10 @@ pub fn check_quiescent<D: DelayedRefs>(refs: &D) -> Vec<HeadSnapshot> {
             assert!(n.ref_mod >= 1, "{name}: invariant 7 ref_mod >= 1: {h:#?}");
             assert!(matches!(n.action, Action::Add | Action::Drop), "{name}: invariant 7 action: {h:#?}");
             assert_eq!(n.key.key.is_data(), h.is_data, "{name}: invariant 7 node kind matches head: {h:#?}");
-            // §3.3: only fs-tree roots carry a seq.
+            // §4.3: only fs-tree roots carry a seq.
             match n.key.key {
                 RefKey::TreeBlock { root } | RefKey::ExtentData { root, .. } if !is_fstree(root) => {
-                    assert_eq!(n.key.seq, 0, "{name}: §3.3 non-fs-tree ref with a seq: {h:#?}")
+                    assert_eq!(n.key.seq, 0, "{name}: §4.3 non-fs-tree ref with a seq: {h:#?}")
                 }
                 _ => {}
             }
@@ -446,7 +446,7 @@ pub fn oracle_diff(want: &BTreeMap<u64, Want>, got: &BTreeMap<u64, Want>) -> Vec
 }
 
 /// A transaction handle renewed every 64 uses through `start_transaction` /
-/// `end_transaction` (spec §3.20.10), as a long-running adder would.
+/// `end_transaction` (semantics.md §8.10), as a long-running adder would.
 #[derive(Debug, Default)]
 pub struct RenewingHandle {
     h: Option<TransHandle>,

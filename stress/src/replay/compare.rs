@@ -129,7 +129,7 @@ pub struct RunCmp {
     pub single_exact: u64,
     /// Groups where each side ran one equal merged ref but only one side's
     /// run carried must_insert_reserved: another add of the same head ran
-    /// first (the kernel runs a head's adds oldest first, spec §2.4).
+    /// first (the kernel runs a head's adds oldest first, semantics.md §3.4).
     pub insert_carrier_differs: u64,
     /// Groups where the kernel ran several refs (it ran before every add of
     /// the transaction was queued; only the net can be compared).

@@ -509,7 +509,7 @@ fn absorb_run_one(
         Ok(None) | Err(Error::Backend { .. }) => false,
         Err(e) => {
             st.run_errors += 1;
-            note(errors, format!("{at}: run_one: {e}"));
+            note(errors, format!("{at}: run_one: {}", crate::out::Chain(&e)));
             false
         }
     }
@@ -531,7 +531,7 @@ fn drain<D: DelayedRefs>(refs: &D, tree: &RecordingTree<'_>, st: &mut EngineStat
             }
             Err(e) => {
                 st.drain_errors += 1;
-                note(errors, format!("{at}: run(All): {e}"));
+                note(errors, format!("{at}: run(All): {}", crate::out::Chain(&e)));
                 let c = refs.counters();
                 stuck = if c.num_entries == before { stuck + 1 } else { 0 };
                 if stuck > c.num_heads + 1 {
@@ -577,10 +577,10 @@ fn end_batch<D: DelayedRefs>(
             note(mismatches, format!("{at}: qgroup record for {b}: kernel {k:?} bytes, implementation {i:?} bytes"));
         }
     }
-    if batch.end != BatchEnd::Realloc
-        && let Err(e) = refs.fs().seq.reset()
-    {
-        note(errors, format!("{at}: {e}"));
+    if batch.end != BatchEnd::Realloc {
+        if let Err(e) = refs.fs().seq.reset() {
+            note(errors, format!("{at}: {e}"));
+        }
     }
 }
 
@@ -771,7 +771,7 @@ fn concurrent_batch<D: DelayedRefs>(
                                 Ok(Ok(())) => {}
                                 Ok(Err(e)) => {
                                     local.add_errors += 1;
-                                    errs.push(format!("add for {}: {e}", op.bytenr));
+                                    errs.push(format!("add for {}: {}", crate::out::Chain(&e), op.bytenr));
                                 }
                                 Err(_) => {
                                     local.add_errors += 1;
@@ -873,7 +873,7 @@ fn sequential_batch<D: DelayedRefs>(
             note_ref(tree, op);
             if let Err(e) = apply(refs, handles.entry(op.pid).or_default(), op) {
                 st.add_errors += 1;
-                note(errors, format!("{at}: add for {}: {e}", op.bytenr));
+                note(errors, format!("{at}: add for {}: {}", crate::out::Chain(&e), op.bytenr));
             }
         }
     }

@@ -253,7 +253,7 @@ fn impl_names(name: &str) -> Option<&'static [&'static str]> {
 }
 
 fn print_table(r: &ImplReport) {
-    println!(
+    outln!(
         "{:<22} {:>7} {:>6} {:>5} {:>4} {:>6} {:>13} {:>13} {:>13} {:>11} {:>5} {:>11} {:>8}",
         "segment",
         "events",
@@ -271,7 +271,7 @@ fn print_table(r: &ImplReport) {
     );
     let frac = |a: u64, b: u64| format!("{a}/{b}");
     for s in &r.segments {
-        println!(
+        outln!(
             "{:<22} {:>7} {:>6} {:>5} {:>4} {:>6} {:>13} {:>13} {:>13} {:>11} {:>5} {:>11} {:>8.1}",
             s.segment,
             s.plan.events,
@@ -288,7 +288,7 @@ fn print_table(r: &ImplReport) {
             s.millis
         );
     }
-    println!(
+    outln!(
         "{:<22} {:>7} {:>6} {:>5} {:>4} {:>6} {:>13} {:>13} {:>13} {:>11} {:>5} {:>11} {:>8.1}",
         "total",
         r.segments.iter().map(|s| s.plan.events).sum::<usize>(),
@@ -306,15 +306,15 @@ fn print_table(r: &ImplReport) {
     );
     for s in &r.segments {
         for m in &s.mismatches {
-            println!("  {}: mismatch: {m}", s.segment);
+            outln!("  {}: mismatch: {m}", s.segment);
         }
         for e in &s.errors {
-            println!("  {}: error: {e}", s.segment);
+            outln!("  {}: error: {e}", s.segment);
         }
     }
     let e = |f: fn(&EngineStats) -> u64| r.sum(|s| f(&s.engine));
     let p = |f: fn(&PlanStats) -> usize| r.segments.iter().map(|s| f(&s.plan)).sum::<usize>();
-    println!(
+    outln!(
         "{}: plan: {} new extents, {} UPDATE_DELAYED_HEAD heads replayed as FULL_BACKREF extent ops (kernel \
          kp_extent_op: {}, {} not exactly FULL_BACKREF); {} kernel runs without kprobe (tree-block inserts), \
          {} odd",
@@ -326,7 +326,7 @@ fn print_table(r: &ImplReport) {
         p(|s| s.kernel_runs_without_kp),
         p(|s| s.kernel_run_oddities)
     );
-    println!(
+    outln!(
         "{}: heads run {}, refs run {}, extent ops run {}, pinned {} bytes; late adds {}, realloc drains {}",
         r.impl_name,
         e(|s| s.heads),
@@ -337,7 +337,7 @@ fn print_table(r: &ImplReport) {
         p(|s| s.realloc_drains)
     );
     if r.mode == "concurrent" {
-        println!(
+        outln!(
             "{}: concurrent: heads run by runners {}, refused runs {} (ordering hazards, retried), \
              order waits {}, failed drains {}, heads left {}, run errors {}",
             r.impl_name,
@@ -349,7 +349,7 @@ fn print_table(r: &ImplReport) {
             e(|s| s.run_errors)
         );
     } else {
-        println!(
+        outln!(
             "{}: sequential: heads run where the kernel finished one {}, refused runs {} (retried), \
              run errors {}",
             r.impl_name,
@@ -358,7 +358,7 @@ fn print_table(r: &ImplReport) {
             e(|s| s.run_errors)
         );
     }
-    println!(
+    outln!(
         "{}: seq: {} refs with a kernel seq != 0 ({} of roots that are not fs trees); blockers: {} registered, \
          {} removed, {} gets of an already registered elem, {} gets without their entry row, {} puts without a \
          get, {} released at a transaction end, {} refused",
@@ -373,7 +373,7 @@ fn print_table(r: &ImplReport) {
         e(|s| s.blockers_released),
         e(|s| s.blocker_errors)
     );
-    println!(
+    outln!(
         "hold-backs: decisions agree {}/{} ({}; kernel held back {} of {} checks, {} kp_held_back rows without a \
          check; the implementation held back {} heads; runs past a live blocker {} of {} runs made while a \
          blocker was live)",
@@ -387,7 +387,7 @@ fn print_table(r: &ImplReport) {
         e(|s| s.seq_violations),
         e(|s| s.runs_under_blocker)
     );
-    println!(
+    outln!(
         "qgroup-records: matched {}/{} ({}; kernel {} on marked heads, implementation {}; {} records the kernel \
          traced outside delayed-ref adds, not replayed; accounted = traced in {}/{} transactions)",
         e(|s| s.qgroup_matched),
@@ -399,7 +399,7 @@ fn print_table(r: &ImplReport) {
         p(|s| s.qgroup_account_consistent),
         p(|s| s.qgroup_account_batches)
     );
-    println!(
+    outln!(
         "kernel-runs: agree {}/{} ({}; {} tolerated as add/run tracing race, {} disagree, {} implementation-only; \
          {} groups ran once on both sides with equal refs, {} of them with the insert on another add of \
          the head, {} groups the kernel ran in several steps)",
@@ -468,17 +468,17 @@ pub fn run(args: &ReplayArgs) -> i32 {
                 if per_extent_order { "kept" } else { "NOT kept" }
             ),
         };
-        println!(
+        outln!(
             "replaying {}: {} segments, {events} events (parsed in {parse_ms:.0} ms); {how}",
             args.run_dir.display(),
             segments.len()
         );
-        println!("node size: {nodesize_text}; qgroup records {}", if qgroups { "on" } else { "off (no qgroup rows)" });
+        outln!("node size: {nodesize_text}; qgroup records {}", if qgroups { "on" } else { "off (no qgroup rows)" });
         if other_events.is_empty() {
-            println!("events not replayed: none");
+            outln!("events not replayed: none");
         } else {
             let list: Vec<String> = other_events.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            println!("events not replayed (not in the delayed-ref, blocker or qgroup sets): {}", list.join(", "));
+            outln!("events not replayed (not in the delayed-ref, blocker or qgroup sets): {}", list.join(", "));
         }
     }
     let mut reports = Vec::new();
@@ -488,8 +488,8 @@ pub fn run(args: &ReplayArgs) -> i32 {
             return 2;
         };
         if !args.json {
-            println!();
-            println!("implementation {} ({} ms)", r.impl_name, r.millis.round());
+            outln!();
+            outln!("implementation {} ({} ms)", r.impl_name, r.millis.round());
             print_table(&r);
         }
         reports.push(r);
@@ -530,7 +530,7 @@ pub fn run(args: &ReplayArgs) -> i32 {
             implementations: &reports,
         };
         match serde_json::to_string(&out) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => outln!("{s}"),
             Err(e) => {
                 eprintln!("replay: cannot serialize the report: {e}");
                 return 1;
@@ -538,7 +538,7 @@ pub fn run(args: &ReplayArgs) -> i32 {
         }
         eprintln!("{line}");
     } else {
-        println!("{line}");
+        outln!("{line}");
     }
     if ok { 0 } else { 1 }
 }

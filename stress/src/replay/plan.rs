@@ -415,10 +415,10 @@ fn plan_events(file: &Path, events: &[Event], before: &Dump) -> Result<Planned, 
     for (i, e) in events.iter().enumerate() {
         let batch_no = u32::try_from(batches.len() - 1).unwrap_or(u32::MAX);
         // A run event's kprobe follows on the same task; anything else ends it.
-        if !matches!(e.kind, EventKind::Kp { .. })
-            && let Some(p) = runs.remove(&e.pid)
-        {
-            finish(p, None, &mut stats, &mut kernel_runs);
+        if !matches!(e.kind, EventKind::Kp { .. }) {
+            if let Some(p) = runs.remove(&e.pid) {
+                finish(p, None, &mut stats, &mut kernel_runs);
+            }
         }
         // A check's kp_held_back follows on the same task; anything else
         // means the ref passed.

@@ -54,7 +54,7 @@ fn drain<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, runner_stats: &mut [Thr
                 barrier.wait();
                 match refs.run(tree, RunMode::All) {
                     Ok(r) => st.ops += r.refs,
-                    Err(e) => st.error(|| format!("drain run(All): {e}")),
+                    Err(e) => st.error(|| format!("drain run(All): {}", crate::out::Chain(&e))),
                 }
             });
         }

@@ -1,4 +1,4 @@
-//! The workloads (brief §5), each generic over the implementation: one round
+//! The workloads (W1-W4 of docs/benchmarks.md, wide, mixed), each generic over the implementation: one round
 //! builds a fresh root and extent tree, runs the workload, drains, and checks.
 
 mod drain;

@@ -59,13 +59,13 @@ pub fn queue_ref<D: DelayedRefs>(
     } else {
         refs.add_tree_ref(trans, &gref, first.then(|| ExtentOp::set_flags(0, LEVEL)))
     };
-    r.map(|_| ()).map_err(|e| format!("{action:?} {key:?} at {bytenr}: {e}"))
+    r.map(|_| ()).map_err(|e| format!("{action:?} {key:?} at {bytenr}: {}", crate::out::Chain(&e)))
 }
 
 /// Queue an extent op that sets `flags` on the tree block at `bytenr`.
 pub fn queue_flags<D: DelayedRefs>(refs: &D, trans: &mut TransHandle, bytenr: u64, flags: u64) -> Result<(), String> {
     refs.add_extent_op(trans, bytenr, TREE_BYTES, ExtentOp::set_flags(flags, LEVEL))
-        .map_err(|e| format!("extent op {flags:#x} at {bytenr}: {e}"))
+        .map_err(|e| format!("extent op {flags:#x} at {bytenr}: {}", crate::out::Chain(&e)))
 }
 
 #[cfg(test)]

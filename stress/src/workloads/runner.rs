@@ -21,7 +21,7 @@ pub fn run_until<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, stop: &AtomicBo
         match r {
             Ok(Some(s)) => st.ops += s.refs,
             Ok(None) => std::thread::yield_now(),
-            Err(e) => st.error(|| format!("runner: {e}")),
+            Err(e) => st.error(|| format!("runner: {}", crate::out::Chain(&e))),
         }
     }
     st

@@ -26,7 +26,7 @@ pub fn setup<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, heads: usize) -> Re
         queue_ref(refs, &mut trans, Action::Add, b, &BASE_KEY, true)?;
         oracle.add_ref(b, BASE_KEY, 1);
     }
-    refs.run(tree, RunMode::All).map_err(|e| format!("setup run: {e}"))?;
+    refs.run(tree, RunMode::All).map_err(|e| format!("setup run: {}", crate::out::Chain(&e)))?;
     Ok((bytenrs, oracle))
 }
 
