@@ -1,4 +1,4 @@
-//! Loom models (VERIFY tier T3): the composed lock-free engine, and the
+//! Loom models (tier T3 (README.md, \"Verification\")): the composed lock-free engine, and the
 //! protocol primitives it is built from.
 //!
 //! Run with:
@@ -66,7 +66,7 @@ fn empty_head(refs: &ModelRefs) {
     add(refs, &data(Action::Drop, E, 9));
 }
 
-/// Adder vs runner on one head (adds before drops, spec §2.3, §5.18): the
+/// Adder vs runner on one head (adds before drops, semantics.md §3.3, §11.18): the
 /// extent holds {A}; an adder queues ADD B then DROP A while a runner runs
 /// the head. A DROP that ran before the ADD queued ahead of it would free
 /// the extent and the strict tree would refuse the ADD. Mutation (fails):
@@ -92,7 +92,7 @@ fn loom_engine_adds_before_drops() {
     });
 }
 
-/// Adder vs retire vs re-create (hazard 1, spec §3.5, §3.16.7): a runner
+/// Adder vs retire vs re-create (hazard 1, semantics.md §4.5, §6.11): a runner
 /// runs and retires the head of `E` while an adder queues a second ADD. The
 /// ADD lands in the head before the close, or in a fresh head after it;
 /// never in a closed one. Mutation (fails): `Engine::retire` closes from a
@@ -116,7 +116,7 @@ fn loom_engine_add_vs_retire() {
     });
 }
 
-/// Reader vs runner vs retire (spec §3.17, invariant 18; the bug of
+/// Reader vs runner vs retire (semantics.md §7.1, invariant 18; the bug of
 /// tests/reader_pause.rs): the extent holds {A} and a born, empty head; a
 /// reader looks it up while another thread retires that head, queues ADD
 /// C, DROP A, ADD D (the count goes 1, 2, 1, 2) and runs the new head (its
@@ -146,7 +146,7 @@ fn loom_engine_reader_vs_runner_vs_retire() {
     });
 }
 
-/// Cleanup vs adder (spec §3.18): `check_ref_cleanup` deletes a born,
+/// Cleanup vs adder (semantics.md §7.2): `check_ref_cleanup` deletes a born,
 /// empty head while an adder queues an ADD on it; the ADD is never lost in
 /// the deleted head. Mutation (fails): cleanup reads the word it closes
 /// from after its second emptiness check instead of before.
@@ -168,7 +168,7 @@ fn loom_engine_cleanup_vs_adder() {
     });
 }
 
-/// Blocker register vs merge pass (spec §3.10-3.11, invariant 13): a tree
+/// Blocker register vs merge pass (semantics.md §5.1-5.2, invariant 13): a tree
 /// block holds {R, Q} and has DROP R queued; a thread registers a
 /// tree-mod-log blocker and queues ADD R (at the blocker's seq) while a
 /// runner's merge pass walks the head. While the blocker lives, the ADD is
@@ -430,7 +430,7 @@ fn check_rsv(r: &FsReserves<AtomicCell>) {
     assert_eq!(s.space.may_use, s.delayed_refs.reserved + s.global.reserved, "inv 23 (exact here): {s:?}");
 }
 
-/// Update vs release (§3.20.2/3): both transitions land, nothing leaks.
+/// Update vs release (§8.2/3): both transitions land, nothing leaks.
 #[test]
 fn loom_rsv_update_vs_release() {
     loom::model(|| {
@@ -456,7 +456,7 @@ fn loom_rsv_update_vs_release() {
     });
 }
 
-/// Refill vs refill (§5.3): the re-check returns the surplus.
+/// Refill vs refill (§11.3): the re-check returns the surplus.
 #[test]
 fn loom_rsv_refill_vs_refill() {
     loom::model(|| {

@@ -1,4 +1,4 @@
-//! Shuttle models (VERIFY tier T3b): whole workloads of the composed
+//! Shuttle models (tier T3b (README.md, \"Verification\")): whole workloads of the composed
 //! lock-free engine under AWS shuttle's randomized and PCT schedulers.
 //!
 //! Run with:

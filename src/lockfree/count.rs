@@ -1,5 +1,5 @@
 //! The node-count protocol: signed counts changed by adders and taken by the
-//! runner (BRIEF hazard 3, spec §3.7, §3.16.4).
+//! runner (hazard 3, semantics.md §4.7, §6.8).
 //!
 //! | count | meaning | adder `+1` | adder `-1` | runner take |
 //! |---|---|---|---|---|

@@ -5,7 +5,7 @@
 //!
 //! The nodes of every head live in one root-level skiplist, the [`NodeMap`],
 //! keyed by [`NodeIx`] = (head generation and range tag, node key): a
-//! head's nodes are one contiguous range, walked in the order of spec §2.1.
+//! head's nodes are one contiguous range, walked in the order of semantics.md §3.1.
 //! Just before it lies the head's *late-ADD marker* range (see below). A head carries
 //! no list of its own (a crossbeam `SkipList` is ~512 bytes inline before its
 //! first entry, which made each head cost ~640 bytes inline). The generation is
@@ -15,13 +15,13 @@
 //!
 //! A node is `(NodeIx → count: AtomicI64)`: positive = that many ADDs,
 //! negative = DROPs, zero = no node. Every add call is `fetch_add(±1)`
-//! (spec §3.7 with ref_mod 1: "decrement, never flip"), so an action flip
+//! (semantics.md §4.7 with ref_mod 1: "decrement, never flip"), so an action flip
 //! always passes through zero, and the old value of the RMW tells exactly
 //! what happened (see [`Transition`]). A zero node is "absent"; the claiming
 //! runner kills and unlinks zero nodes as it passes them (module `count`),
 //! and unlinks whatever is left when it retires the head.
 //!
-//! # Late-ADD markers (adds before drops, spec §2.3, §5.18)
+//! # Late-ADD markers (adds before drops, semantics.md §3.3, §11.18)
 //!
 //! The kernel keeps a list of a head's ADD nodes so the runner finds the
 //! next ADD in O(1). Here the claiming runner first walks the whole node
@@ -89,7 +89,7 @@ const MARK_TAG: u64 = 0;
 /// The range tag of ref nodes.
 const NODE_TAG: u64 = 1;
 
-/// The smallest node key of spec §2.1's order (lowest type, zero fields and seq).
+/// The smallest node key of semantics.md §3.1's order (lowest type, zero fields and seq).
 const MIN_KEY: NodeKey = NodeKey { key: crate::domain::key::RefKey::TreeBlock { root: 0 }, seq: 0 };
 
 /// The entries of one head's range of the [`NodeMap`] in key order (zero
@@ -237,7 +237,7 @@ fn next_gen() -> u64 {
 /// count. A dead entry is helped out of the map and the change retried into
 /// a fresh one (module `count`). With `level`, a zero entry left with
 /// another level is killed first: a tree block re-allocated at a new level
-/// (§3.6 step 3) must not take its old level from a leftover node.
+/// (§4.6 step 3) must not take its old level from a leftover node.
 /// `likely_new` skips the plain lookup and goes straight to the insert's own
 /// search (one search instead of two when the entry is usually absent; the
 /// insert returns a refcounted entry, which costs two RMWs when present).
@@ -302,7 +302,7 @@ pub(crate) struct RefNode {
     pub level: u8,
 }
 
-/// A head (spec §1.5), stored inline in the index's skiplist node.
+/// A head (semantics.md §2.4), stored inline in the index's skiplist node.
 ///
 /// Every field is private: each protocol's state changes only through the
 /// method named after its transition (below), with its ordering argument
@@ -337,7 +337,7 @@ pub(crate) struct Head {
     /// Bumped after an adder noted a late ADD (a marker, see the module
     /// docs): the runner's drop phase runs the marked ADDs when it moves.
     add_epoch: AtomicU64,
-    /// Reader seqlock (spec §3.17): odd while a ref taken from this head is
+    /// Reader seqlock (semantics.md §7.1): odd while a ref taken from this head is
     /// not yet applied to the backend. Only the claiming runner writes it,
     /// through [`Head::open_apply_window`].
     run_seq: AtomicU64,
@@ -452,7 +452,7 @@ impl Head {
 
     // ---- counts ----
 
-    /// An adder's `count_mod` (spec §3.6): `ref_mod` and `total_ref_mod`
+    /// An adder's `count_mod` (semantics.md §4.6): `ref_mod` and `total_ref_mod`
     /// change by `delta`; returns `total_ref_mod`'s old value, which tells
     /// exactly one thread about each crossing of zero (`pending_csums`).
     pub(crate) fn apply_count_mod(&self, delta: i64) -> i64 {
@@ -487,7 +487,7 @@ impl Head {
         self.total_ref_mod.load(Ordering::Acquire)
     }
 
-    // ---- allocation fields (spec §3.6 steps 2-3) ----
+    // ---- allocation fields (semantics.md §4.6 steps 2-3) ----
 
     /// Fill in a missing owning root.
     pub(crate) fn fill_owning_root(&self, root: u64) {
@@ -496,7 +496,7 @@ impl Head {
     }
 
     /// A (re-)allocation under must_insert_reserved: owning root and size
-    /// overwritten (§5.11a), then the flag set.
+    /// overwritten (§11.11a), then the flag set.
     pub(crate) fn reallocate(&self, owning_root: u64, num_bytes: u64) {
         // Release: pairs with the runner's Acquire loads when it takes the flag.
         self.owning_root.store(owning_root, Ordering::Release);
@@ -610,7 +610,7 @@ impl Head {
     }
 
     /// This head's nodes of one backref identity (same `RefKey`, any seq:
-    /// contiguous in §2.1 order), in key order.
+    /// contiguous in §3.1 order), in key order.
     pub(crate) fn identity_nodes<'g, N: NodeMap>(
         &'g self,
         map: &'g N,
@@ -643,12 +643,12 @@ impl Head {
         map.get(&self.ix(key), guard).map(HeadNode::Map)
     }
 
-    /// Apply one signed change to the node `key` (insert or merge, §3.7).
+    /// Apply one signed change to the node `key` (insert or merge, §4.7).
     /// An inline node takes it when the key is inline or a slot is free
     /// (module `inline`); otherwise it goes to the [`NodeMap`], where a
     /// node killed meanwhile is helped out and the change retried into a
     /// fresh node (module `count`). Either way a zero node of another level
-    /// is replaced (§3.6 step 3: a block re-allocated at a new level) and a
+    /// is replaced (§4.6 step 3: a block re-allocated at a new level) and a
     /// node the change brings to 0 is killed and unlinked at once. Adders,
     /// and the runner when it puts counts back or folds a merge, all come
     /// through here. Returns the transition, whether a map entry was
@@ -711,7 +711,7 @@ impl Head {
             .count()
     }
 
-    /// Merge an update into the extent op (spec §3.6 step 4).
+    /// Merge an update into the extent op (semantics.md §4.6 step 4).
     pub(crate) fn merge_op(&self, upd: &ExtentOp) {
         self.extent_op.merge(upd);
     }

@@ -4,7 +4,7 @@
 //!
 //! - Heads live inline in a `crossbeam_skiplist::base::SkipList<u64, Head>`
 //!   reclaimed by the root's own epoch collector; hot paths use guards, never
-//!   refcounted lookups, and never replace a head (BRIEF §4).
+//!   refcounted lookups, and never replace a head (protocols.md §g, crossbeam-skiplist rules).
 //! - Each head has a lifecycle word (module `state`); its ref nodes, with
 //!   signed atomic counts, live in one root-level skiplist of all nodes keyed
 //!   by (slot = head generation << 1 | range tag, key), with a

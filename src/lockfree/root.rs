@@ -84,7 +84,7 @@ impl<S: Stores> Engine<S> {
         self.stores.pin()
     }
 
-    /// The add path (spec §3.1-§3.8): head update (§3.6) and node change (§3.7).
+    /// The add path (semantics.md §4.1-§4.8): head update (§4.6) and node change (§4.7).
     fn add_inner(
         &self,
         trans: &mut TransHandle,
@@ -93,7 +93,7 @@ impl<S: Stores> Engine<S> {
         rec: Option<QgroupRecord>,
     ) -> Result<AddOutcome> {
         let guard = self.pin();
-        // The constructor may run and be discarded (BRIEF §4): no side
+        // The constructor may run and be discarded (protocols.md §g, crossbeam-skiplist rules): no side
         // effects. A new head is built with this add's node inline.
         let first_node = node.map(|(key, _, level)| (key, level));
         let make = || Head::new(upd.num_bytes, upd.is_data, upd.is_system, upd.reserved, first_node);
@@ -105,7 +105,7 @@ impl<S: Stores> Engine<S> {
             &guard,
         );
         drop(guard);
-        // §3.20.3, after publishing (spec §5.12: size may wrap meanwhile).
+        // §8.3, after publishing (semantics.md §11.12: size may wrap meanwhile).
         self.fs.reserves.update_delayed_refs_rsv(trans);
         out
     }
@@ -124,7 +124,7 @@ impl<S: Stores> Engine<S> {
     ) -> Result<AddOutcome> {
         let g = *self.fs.reserves.geometry();
         if first {
-            // Head-creation accounting (§3.5 step 4), done by the first adder
+            // Head-creation accounting (§4.5 step 4), done by the first adder
             // inside the state word, so no runner can retire it before.
             self.counters.num_heads.add(1);
             self.counters.num_heads_ready.add(1);
@@ -148,10 +148,10 @@ impl<S: Stores> Engine<S> {
         // Head fields below are independent words that guard no other memory;
         // the runner reads them after claiming, and the state word's
         // Acquire/Release (enter/exit vs close) orders them for it.
-        // §3.6 step 2: fill in a missing owning root.
+        // §4.6 step 2: fill in a missing owning root.
         head.fill_owning_root(upd.owning_root);
         if upd.must_insert_reserved {
-            // §3.6 step 3 (re-allocation: size overwritten, §5.11a).
+            // §4.6 step 3 (re-allocation: size overwritten, §11.11a).
             head.reallocate(upd.owning_root, upd.num_bytes);
         }
         if let Some(op) = &upd.extent_op {
@@ -225,7 +225,7 @@ impl<S: Stores> Engine<S> {
     }
 
     /// Retire a claimed head whose list the caller found empty: close from
-    /// `w0`, unlink, account (§3.15, §3.16.7 steps 3-5). Returns the bytes the
+    /// `w0`, unlink, account (§6.4, §6.11 steps 3-5). Returns the bytes the
     /// csum accounting released, or `None` if the close CAS failed.
     pub(super) fn retire(&self, entry: &HeadEntry<'_, S>, w0: u64, guard: &S::Guard) -> Option<(bool, u64)> {
         let head = entry.value();
@@ -253,7 +253,7 @@ impl<S: Stores> Engine<S> {
         Some((mir, released))
     }
 
-    /// Unselect a claimed head (spec §3.16.5).
+    /// Unselect a claimed head (semantics.md §6.9).
     pub(super) fn unselect(&self, head: &Head) {
         self.counters.num_heads_ready.add(1);
         head.unclaim();
@@ -306,7 +306,7 @@ impl<S: Stores> Engine<S> {
     }
 
     pub(crate) fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
-        // Disk + pending as of one point inside the call (§3.17, invariant
+        // Disk + pending as of one point inside the call (§7.1, invariant
         // 18). Every ref applied to the disk comes from the live head of its
         // bytenr, taken and applied inside that head's seqlock; a new head
         // exists only after the previous one closed. So a disk read is

@@ -1,4 +1,4 @@
-//! The lock-free run side (spec §3.13-§3.16.7).
+//! The lock-free run side (semantics.md §6.2-§6.11).
 //!
 //! # Synchronization
 //!
@@ -52,7 +52,7 @@ impl std::ops::Deref for Claimed<'_> {
     }
 }
 
-/// `btrfs_select_ref_head` (spec §3.13): round-robin from the cursor,
+/// `btrfs_select_ref_head` (semantics.md §6.2): round-robin from the cursor,
 /// claiming in place.
 fn select<'g, S: Stores>(refs: &'g Engine<S>, guard: &'g S::Guard) -> Option<HeadEntry<'g, S>> {
     let start = refs.run_start.load(Ordering::Relaxed);
@@ -94,7 +94,7 @@ enum Take {
     LateAdds,
 }
 
-/// Take one node's count and run it (spec §3.16.4 steps 1-9).
+/// Take one node's count and run it (semantics.md §6.8 steps 1-9).
 #[allow(clippy::too_many_arguments)]
 fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
     refs: &Engine<S>,
@@ -324,7 +324,7 @@ fn kill_if_zero<S: Stores>(refs: &Engine<S>, n: &Node<'_, S>) {
 /// Nodes of one backref identity read by a walk, in key order.
 type Group<'g, S> = Vec<Node<'g, S>>;
 
-/// The merge pass on a metadata head (spec §3.10), by the claiming runner,
+/// The merge pass on a metadata head (semantics.md §5.1), by the claiming runner,
 /// at the start of each pass over the head: it folds every identity at
 /// once, so a head held back later in the pass is merged below the lowest
 /// blocker (invariant 13) and most identities reach the scans as one node.
@@ -343,8 +343,8 @@ fn merge_pass<'g, S: Stores>(refs: &'g Engine<S>, head: &Claimed<'g>, guard: &'g
     fold_groups(refs, head, groups, guard);
 }
 
-/// The merge pass of spec §3.10 limited to one backref identity (same
-/// `RefKey`, any seq; contiguous in §2.1 order), then that identity's
+/// The merge pass of semantics.md §5.1 limited to one backref identity (same
+/// `RefKey`, any seq; contiguous in §3.1 order), then that identity's
 /// *first* non-zero node: the only one of its nodes the runner may take.
 ///
 /// The kernel merges the whole head under its lock before every ref it
@@ -359,7 +359,7 @@ fn merge_pass<'g, S: Stores>(refs: &'g Engine<S>, head: &Claimed<'g>, guard: &'g
 /// first non-zero node is already folded or run: taking that node takes a
 /// time-ordered prefix of the identity's pending ops, and a backref toggled
 /// ADD/DROP/ADD/... can never reach the run as one node with ref_mod ≥ 2
-/// (§4 invariant on tree refs, `Error::TreeRefMod`). The argument, with
+/// (§10 invariant on tree refs, `Error::TreeRefMod`). The argument, with
 /// its state table, is in docs/protocols.md §c, "Metadata heads".
 /// Later nodes of the identity wait: a later ADD is either folded by the
 /// next call or noted as a late ADD (module `head`), which calls this again.
@@ -431,7 +431,7 @@ fn visit_scanned<'g, S: Stores, B: ExtentTree + ?Sized>(
     }
     // `n` is zero, or waits behind an older node of its identity. A held
     // ADD among those still stops the add scan: the kernel's add list
-    // would select it before any drop and unselect the head (§2.3, §3.11).
+    // would select it before any drop and unselect the head (§3.3, §5.2).
     if want_add && held_add(refs, n) {
         return Ok(hold(refs, head, stats));
     }
@@ -444,7 +444,7 @@ fn held_add<S: Stores>(refs: &Engine<S>, n: &Node<'_, S>) -> bool {
     n.peek() > 0 && refs.fs.seq.holds_back(n.key().seq)
 }
 
-/// Unselect a head held back by a seq blocker (spec §3.16.5).
+/// Unselect a head held back by a seq blocker (semantics.md §6.9).
 fn hold<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, stats: &mut RunStats) -> Visit {
     refs.unselect(head);
     stats.held_back += 1;
@@ -453,7 +453,7 @@ fn hold<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, stats: &mut RunStats) -
 
 /// Fold each group of same-identity nodes (read by a walk) into one node.
 fn fold_groups<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, mut groups: Vec<Group<'_, S>>, guard: &S::Guard) {
-    // The seq barrier is read after the walk (spec §3.11): a blocker that
+    // The seq barrier is read after the walk (semantics.md §5.2): a blocker that
     // registered during the walk holds back every node added after it, and
     // those nodes carry a seq at or above its own, so they are filtered here.
     let seq = refs.fs.seq.lowest_seq();
@@ -497,7 +497,7 @@ fn fold_groups<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, mut groups: Vec<
     }
 }
 
-/// Run a claimed head to the end (spec §3.16.4, §3.16.7).
+/// Run a claimed head to the end (semantics.md §6.8, §6.11).
 fn run_head<S: Stores, B: ExtentTree + ?Sized>(
     refs: &Engine<S>,
     backend: &B,
@@ -547,13 +547,13 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         if ran {
             continue;
         }
-        // §3.16.7 step 1: a leftover extent op.
+        // §6.11 step 1: a leftover extent op.
         // An op on a head with must_insert_reserved is discarded only once the
         // head is retired (below): an adder may still be publishing the ref
-        // that will insert the item with this op (§3.16.6).
+        // that will insert the item with this op (§6.10).
         if head.has_pending_op() {
             // The op leaves the head before it is on disk: readers retry
-            // (same seqlock window as a taken ref, §3.17).
+            // (same seqlock window as a taken ref, §7.1).
             let window = head.open_apply_window();
             let op = head.take_op();
             if op.is_none() || head.must_insert_reserved() {
@@ -611,7 +611,7 @@ pub(super) fn run_one<S: Stores, B: ExtentTree + ?Sized>(
     Ok(Some((bytenr, outcome, stats)))
 }
 
-/// `btrfs_run_delayed_refs` (spec §3.16.1).
+/// `btrfs_run_delayed_refs` (semantics.md §6.5).
 pub(super) fn run<S: Stores, B: ExtentTree + ?Sized>(refs: &Engine<S>, backend: &B, mode: RunMode) -> Result<RunStats> {
     let ready = if mode == RunMode::Ready { refs.counters.num_heads_ready.sum().max(0) as u64 } else { 0 };
     crate::api::drive_run(mode, ready, || Ok(run_one(refs, backend)?.map(|(_, _, s)| s)), || refs.heads.is_empty())
