@@ -156,6 +156,11 @@ pub struct StressArgs {
     /// instead of the short one.
     #[arg(long)]
     pub details: bool,
+    /// Also run the same rounds on a root that does nothing (`NoopRefs`) and
+    /// report the harness's own cost per operation beside the
+    /// implementations' (never part of the verdict).
+    #[arg(long)]
+    pub harness_cost: bool,
 }
 
 impl Default for StressArgs {
@@ -173,6 +178,7 @@ impl Default for StressArgs {
             seed: None,
             json: false,
             details: false,
+            harness_cost: false,
         }
     }
 }

@@ -27,6 +27,7 @@ mod cli;
 mod impls;
 mod mem;
 mod memwatch;
+mod noop;
 mod oracle;
 mod progress;
 mod replay;

@@ -340,10 +340,53 @@ struct JsonReport<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     round_ratios_lockfree_over_sharded: Option<&'a [f64]>,
     verdict: &'static str,
+    /// `--harness-cost`: the no-op root's figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    harness: Option<&'a Harness>,
+}
+
+/// The harness's own cost (`stress --harness-cost`): the same rounds on a
+/// root that does nothing.
+#[derive(Clone, Debug, Serialize)]
+pub struct Harness {
+    /// Median over rounds of the no-op root's ops per second.
+    pub ops_per_sec: f64,
+    /// Its cost per op in nanoseconds (1e9 / ops_per_sec).
+    pub ns_per_op: f64,
+    /// Per implementation: the harness's ns per op over the implementation's
+    /// (each implementation's ns per op includes the harness).
+    pub share_of: std::collections::BTreeMap<&'static str, f64>,
+}
+
+impl Harness {
+    /// From the no-op root's median throughput and the implementations' summaries.
+    pub fn of(ops_per_sec: f64, sums: &[Summary]) -> Harness {
+        let ns = |ops: f64| if ops > 0.0 { 1e9 / ops } else { f64::NAN };
+        let ns_per_op = ns(ops_per_sec);
+        let share_of = sums.iter().map(|s| (s.impl_name, ns_per_op / ns(s.ops_per_sec))).collect();
+        Harness { ops_per_sec, ns_per_op, share_of }
+    }
+
+    /// One line for the text report.
+    pub fn line(&self) -> String {
+        let shares: Vec<String> = self.share_of.iter().map(|(n, f)| format!("{n} {:.0}%", f * 100.0)).collect();
+        format!(
+            "harness (no-op root): {:.0} ops/s = {:.0} ns/op; share of each implementation's ns/op: {}",
+            self.ops_per_sec,
+            self.ns_per_op,
+            shares.join(", ")
+        )
+    }
 }
 
 /// One JSON object; a ratio's fields are there only when its pair was selected.
-pub fn json(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratios: &Ratios) -> String {
+pub fn json(
+    h: &Header,
+    sums: &[Summary],
+    unavailable: &[&'static str],
+    ratios: &Ratios,
+    harness: Option<&Harness>,
+) -> String {
     let report = JsonReport {
         header: h,
         results: sums,
@@ -353,6 +396,7 @@ pub fn json(h: &Header, sums: &[Summary], unavailable: &[&'static str], ratios: 
         ratio_lockfree_over_sharded: ratios.over_sharded.as_ref().map(|r| r.median),
         round_ratios_lockfree_over_sharded: ratios.over_sharded.as_ref().map(|r| r.rounds.as_slice()),
         verdict: if total(sums).is_ok() { "OK" } else { "FAIL" },
+        harness,
     };
     serde_json::to_string(&report).expect("report serializes")
 }

@@ -148,6 +148,24 @@ fn ratios(choice: ImplChoice, runs: &[ImplRun]) -> report::Ratios {
     report::Ratios { over_locked: against("locked"), over_sharded: against("sharded") }
 }
 
+/// The median over `header.rounds` rounds (same seeds as the
+/// implementations') of the no-op root's throughput: the harness's own
+/// cost (module `noop`). Its zero-loss checks fail by construction and are
+/// not reported.
+fn harness_ops_per_sec(params: &Params, header: &Header, progress: &Progress) -> f64 {
+    let mut ops: Vec<f64> = (0..header.rounds)
+        .map(|r| {
+            let seed = header.seed.wrapping_add((r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let bar = progress.phase(&format!("noop {} {}/{}", header.workload, r + 1, header.rounds), params.round);
+            let res = RoundVisitor { params, seed, bar: &bar }.visit::<crate::noop::NoopRefs>();
+            bar.finish_with_message("harness");
+            res.ops_per_sec()
+        })
+        .collect();
+    ops.sort_by(f64::total_cmp);
+    ops[ops.len() / 2]
+}
+
 /// Run `stress` and return the process exit code.
 pub fn run(args: &StressArgs) -> i32 {
     let (params, header) = match resolve(args) {
@@ -205,13 +223,18 @@ pub fn run(args: &StressArgs) -> i32 {
         .collect();
     let ratios = ratios(args.impl_choice, &runs);
     let all = report::total(&sums);
+    let harness =
+        args.harness_cost.then(|| report::Harness::of(harness_ops_per_sec(&params, &header, &progress), &sums));
     if args.json {
-        outln!("{}", report::json(&header, &sums, &unavail, &ratios));
+        outln!("{}", report::json(&header, &sums, &unavail, &ratios, harness.as_ref()));
     } else {
         if args.details {
             out!("{}", report::table(&header, &sums, &unavail, &ratios));
         } else {
             out!("{}", report::short_table(&header, &sums, &unavail, &ratios));
+        }
+        if let Some(h) = &harness {
+            outln!("{}", h.line());
         }
         for m in &all.messages {
             eprintln!("violation: {m}");
