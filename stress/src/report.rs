@@ -566,7 +566,7 @@ mod tests {
         let mem = MemFigures { mem_peak_bytes: 4 << 20, mem_end_bytes: 3 << 20, mem_flat: true, ..Default::default() };
         let sums = vec![Summary::of(&run, mem)];
         let na = Ratios { over_locked: Some(Ratio::default()), over_sharded: None };
-        let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &["lockfree"], &na)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &["lockfree"], &na, None)).unwrap();
         assert!(v.get("ratio_lockfree_over_sharded").is_none(), "only for --impl all");
         for k in ["workload", "threads", "runners", "readers", "seconds", "results", "ratio_lockfree_over_locked"] {
             assert!(v.get(k).is_some(), "{k}");
@@ -655,7 +655,7 @@ mod tests {
         };
         let sums: Vec<Summary> =
             [&locked, &sharded, &lockfree].iter().map(|r| Summary::of(r, MemFigures::default())).collect();
-        let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &[], &ratios)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &[], &ratios, None)).unwrap();
         assert_eq!(v["ratio_lockfree_over_locked"], 1.5);
         assert_eq!(v["ratio_lockfree_over_sharded"], 0.75);
         assert_eq!(v["round_ratios_lockfree_over_sharded"], serde_json::json!([0.75, 1.0, 0.5]));
