@@ -231,30 +231,33 @@ fn loom_engine_inline_same_new_key() {
     });
 }
 
-/// Cancel vs re-add (module `lockfree::inline`, kill at zero): B holds one
-/// queued ADD inline; one adder queues DROP B (1 → 0: the node is killed
-/// and its slot freed) while another queues ADD B. The second ADD merges
-/// before the cancel, lands on 0 before the kill (the kill's CAS then
-/// fails), or goes into a fresh node after it; it is never lost in a freed
-/// slot. Mutation (fails): the kill stores DEAD unconditionally instead of
-/// a CAS from `LIVE(g, 0)`.
+/// Slot reclaim vs re-add (module `lockfree::inline`): under loom a head
+/// has two inline slots; they hold A (one queued ADD) and B, whose ADD and
+/// DROP cancelled (a zero node). One adder queues ADD C, a new key: with no
+/// free slot it kills B's zero node and takes the slot; another queues ADD
+/// B at once. B's ADD lands on the zero node before the kill (the kill's
+/// CAS then fails and C spills to the node map) or in a fresh node after
+/// it; it is never lost in a reclaimed slot. Mutation (fails): the kill
+/// stores DEAD unconditionally instead of a CAS from `LIVE(g, 0)`.
 #[test]
-fn loom_engine_inline_cancel_vs_readd() {
+fn loom_engine_inline_reclaim_vs_readd() {
     engine_model(|| {
         let (refs, tree) = (Arc::new(engine()), Arc::new(ModelTree::new()));
         let (a, b) = (data(Action::Add, E, 1), data(Action::Add, E, 2));
         tree.load(E, &[(key(&a), 1), (key(&b), 1)]);
         add(&refs, &a);
         add(&refs, &b);
+        add(&refs, &data(Action::Drop, E, 2));
         let adder = {
             let refs = refs.clone();
-            thread::spawn(move || add(&refs, &data(Action::Add, E, 2)))
+            thread::spawn(move || add(&refs, &data(Action::Add, E, 3)))
         };
-        add(&refs, &data(Action::Drop, E, 2));
+        add(&refs, &data(Action::Add, E, 2));
         adder.join().unwrap();
         drain_and_check(&refs, &tree);
-        assert_eq!(tree.backrefs(E).unwrap().get(&key(&b)), Some(&2), "the re-ADD was lost or doubled");
-        assert_eq!(tree.refs(E), 4);
+        let b_refs = tree.backrefs(E).unwrap().get(&key(&b)).copied();
+        assert_eq!(b_refs, Some(2), "the re-ADD of B was lost or doubled");
+        assert_eq!(tree.refs(E), 5);
     });
 }
 

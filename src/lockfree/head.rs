@@ -173,15 +173,14 @@ impl<'g, N: NodeMap + 'g> HeadNode<'g, N> {
         }
     }
 
-    /// Kill a node that reads 0: an inline node frees its slot, a spilled
-    /// one is unlinked (module `count`). True if this call unlinked a map
-    /// entry (the reclamation tally counts those).
+    /// Kill a spilled node that reads 0 and unlink it (module `count`);
+    /// true if this call unlinked it (the reclamation tally counts those).
     pub(crate) fn kill_if_zero(&self) -> bool {
         match self {
-            HeadNode::Inline(i) => {
-                i.try_kill();
-                false
-            }
+            // A zero inline node stays: walks skip it, the next change of
+            // its key reuses it, and an inserter that needs the slot
+            // reclaims it (module `inline`).
+            HeadNode::Inline(_) => false,
             // An adder that met the dead node may have unlinked it first.
             HeadNode::Map(e) => count::try_kill(&e.value().count) && e.remove(),
         }

@@ -544,9 +544,11 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran) {
             return Ok((HeadOutcome::HeldBack, stats));
         }
-        if ran {
-            continue;
-        }
+        // No second pass just because this one ran something: like the
+        // kernel's cleanup of a head, go on to the leftover op and the close,
+        // whose emptiness check (after `w0`) starts another pass if refs
+        // were queued meanwhile. `ran` only feeds the held-back bookkeeping.
+        let _ = ran;
         // §6.11 step 1: a leftover extent op.
         // An op on a head with must_insert_reserved is discarded only once the
         // head is retired (below): an adder may still be publishing the ref
