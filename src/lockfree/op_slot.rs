@@ -14,6 +14,15 @@
 //! Every operation is one linearizable step on the slot (an RCU loop or a
 //! swap); an op merged after the runner took the slot stays for the next
 //! take. Nothing else is published through it.
+//!
+//! At run time a `pending` flag beside the `ArcSwapOption` saves the
+//! runner arc-swap's load protocol on every ref it takes (most heads never
+//! have an op): a merge stores the op, then sets the flag (Release); a take
+//! clears the flag (`swap`, AcqRel) before it swaps the op out, and returns
+//! nothing when the flag was clear. So an op in the slot has its flag set,
+//! or its merger is between the store and the flag, or a taker is between
+//! its two swaps and takes it; a spurious `true` only costs one arc-swap
+//! load. `is_some` reads the flag first for the same reason.
 
 #![forbid(unsafe_code)]
 
@@ -31,7 +40,7 @@ impl OpSlot {
 
     /// Whether an op is pending.
     pub(crate) fn is_some(&self) -> bool {
-        imp::get(&self.0).is_some()
+        imp::is_some(&self.0)
     }
 
     /// A copy of the pending op.
@@ -62,26 +71,42 @@ impl OpSlot {
 mod imp {
     use std::sync::Arc;
 
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use arc_swap::ArcSwapOption;
 
     use crate::domain::extent_op::ExtentOp;
 
-    pub(super) type Slot = ArcSwapOption<ExtentOp>;
+    /// The op, and whether one may be there (module docs).
+    #[derive(Debug, Default)]
+    pub(super) struct Slot {
+        op: ArcSwapOption<ExtentOp>,
+        pending: AtomicBool,
+    }
 
     pub(super) fn get(s: &Slot) -> Option<ExtentOp> {
-        s.load().as_deref().copied()
+        s.op.load().as_deref().copied()
+    }
+
+    pub(super) fn is_some(s: &Slot) -> bool {
+        // Acquire: pairs with the Release store in `update`.
+        s.pending.load(Ordering::Acquire) && s.op.load().is_some()
     }
 
     pub(super) fn take(s: &Slot) -> Option<ExtentOp> {
-        // A load first: the swap is an RMW most callers do not need.
-        if s.load().is_none() {
+        // Relaxed pre-check: the swap below decides; most heads have no op.
+        // AcqRel swap: clears the flag before the op is swapped out, so an
+        // op stored after this point sets it again (module docs).
+        if !s.pending.load(Ordering::Relaxed) || !s.pending.swap(false, Ordering::AcqRel) {
             return None;
         }
-        s.swap(None).as_deref().copied()
+        s.op.swap(None).as_deref().copied()
     }
 
     pub(super) fn update(s: &Slot, f: impl Fn(Option<&ExtentOp>) -> ExtentOp) {
-        s.rcu(|cur| Some(Arc::new(f(cur.as_deref()))));
+        s.op.rcu(|cur| Some(Arc::new(f(cur.as_deref()))));
+        // Release: after the op is in the slot; pairs with `take`/`is_some`.
+        s.pending.store(true, Ordering::Release);
     }
 }
 
@@ -101,6 +126,10 @@ mod imp {
 
     pub(super) fn get(s: &Slot) -> Option<ExtentOp> {
         *s.0.lock().unwrap()
+    }
+
+    pub(super) fn is_some(s: &Slot) -> bool {
+        s.0.lock().unwrap().is_some()
     }
 
     pub(super) fn take(s: &Slot) -> Option<ExtentOp> {
