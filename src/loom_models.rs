@@ -22,12 +22,13 @@ use loom::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use loom::thread;
 
 use crate::api::CleanupOutcome;
+use crate::domain::extent_op::ExtentOp;
 use crate::domain::geometry::Geometry;
 use crate::domain::key::RefKey;
 use crate::domain::kind::Action;
 use crate::lockfree::count::{self, Transition};
 use crate::lockfree::state::HeadState;
-use crate::model_support::{ModelRefs, ModelTree, data, drain_and_check, engine, tree};
+use crate::model_support::{ModelRefs, ModelTree, NB, data, drain_and_check, engine, tree};
 use crate::rsv::cell::AtomicCell;
 use crate::rsv::handle::TransHandle;
 use crate::rsv::reserves::{FsReserves, ReleaseRouting, ReserveConfig};
@@ -54,9 +55,17 @@ fn add(refs: &ModelRefs, r: &crate::GenericRef) {
 /// stopped inside its own). At 2, mutations M1-M3 of docs/protocols.md
 /// survive; at 3 every one fails.
 fn engine_model(f: impl Fn() + Sync + Send + 'static) {
+    engine_model_at(3, f)
+}
+
+/// [`engine_model`] at another default bound. The inline-node models run at
+/// 2: each of their two threads inserts a key (a search over the slots, a
+/// claim, a publish and a commit, all loom points), so bound 3 takes tens
+/// of minutes, and their mutations fail at 2.
+fn engine_model_at(default_bound: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     let bound = std::env::var("DREF_LOOM_ENGINE_PREEMPTIONS").ok().and_then(|v| v.parse().ok());
-    b.preemption_bound = Some(bound.unwrap_or(3));
+    b.preemption_bound = Some(bound.unwrap_or(default_bound));
     b.check(f);
 }
 
@@ -204,30 +213,30 @@ fn loom_engine_blocker_vs_merge_pass() {
 }
 
 /// Same new key, two inserters (module `lockfree::inline`, uniqueness): a
-/// head holds ADD A inline; two adders queue ADD B, a key the head does
-/// not have, at once. Both search, both may claim a free slot, but only a
-/// publish from the membership word their search read succeeds: the head
-/// ends with one node of B, count 2. Mutation (fails): the publish CAS
-/// reads the membership word afresh instead of using the searched one.
+/// tree block's head was created by an extent op, so both of its (loom: two)
+/// inline slots are free; two adders queue ADD of the same tree ref at
+/// once. Each may claim a different slot, but only a publish from the
+/// membership word its search read succeeds: the head ends with one node of
+/// that key, count 2. Mutation (fails): the publish CAS reads the membership
+/// word afresh instead of using the searched one.
 #[test]
 fn loom_engine_inline_same_new_key() {
-    engine_model(|| {
-        let (refs, tree) = (Arc::new(engine()), Arc::new(ModelTree::new()));
-        let (a, b) = (data(Action::Add, E, 1), data(Action::Add, E, 2));
-        tree.load(E, &[(key(&a), 1), (key(&b), 1)]);
-        add(&refs, &a);
+    engine_model_at(2, || {
+        let (refs, tree_) = (Arc::new(engine()), ModelTree::new());
+        let mut h = TransHandle::new();
+        refs.add_extent_op(&mut h, E, NB, ExtentOp::set_flags(1, 0)).expect("extent op");
+        let r = tree(Action::Add, E, 5);
         let adder = {
             let refs = refs.clone();
-            thread::spawn(move || add(&refs, &data(Action::Add, E, 2)))
+            thread::spawn(move || add(&refs, &tree(Action::Add, E, 5)))
         };
-        add(&refs, &b);
+        add(&refs, &r);
         adder.join().unwrap();
         let snap = refs.find_head(E).expect("the head holds the ADDs");
-        let bs: Vec<_> = snap.nodes.iter().filter(|n| n.key.key == key(&b)).collect();
-        assert_eq!(bs.len(), 1, "key B is in two nodes: {snap:?}");
-        assert_eq!((bs[0].action, bs[0].ref_mod), (Action::Add, 2), "{snap:?}");
-        drain_and_check(&refs, &tree);
-        assert_eq!(tree.refs(E), 5);
+        let same: Vec<_> = snap.nodes.iter().filter(|n| n.key.key == key(&r)).collect();
+        assert_eq!(same.len(), 1, "one key in two nodes: {snap:?}");
+        assert_eq!((same[0].action, same[0].ref_mod), (Action::Add, 2), "{snap:?}");
+        refs.destroy(&tree_);
     });
 }
 
@@ -241,7 +250,7 @@ fn loom_engine_inline_same_new_key() {
 /// stores DEAD unconditionally instead of a CAS from `LIVE(g, 0)`.
 #[test]
 fn loom_engine_inline_reclaim_vs_readd() {
-    engine_model(|| {
+    engine_model_at(2, || {
         let (refs, tree) = (Arc::new(engine()), Arc::new(ModelTree::new()));
         let (a, b) = (data(Action::Add, E, 1), data(Action::Add, E, 2));
         tree.load(E, &[(key(&a), 1), (key(&b), 1)]);

@@ -3,23 +3,26 @@
 //!
 //! # Implementation details
 //!
-//! The nodes of every head live in one root-level skiplist, the [`NodeMap`],
-//! keyed by [`NodeIx`] = (head generation and range tag, node key): a
-//! head's nodes are one contiguous range, walked in the order of semantics.md §3.1.
-//! Just before it lies the head's *late-ADD marker* range (see below). A head carries
-//! no list of its own (a crossbeam `SkipList` is ~512 bytes inline before its
-//! first entry, which made each head cost ~640 bytes inline). The generation is
-//! unique per head object, so a head created after its bytenr's previous head
-//! was retired never meets that head's leftover (zero) nodes, which the
-//! retiring runner unlinks after closing.
+//! A head keeps its first four keys' nodes inside itself (module `inline`,
+//! docs/protocols.md §j): adding to, running and cancelling them touches
+//! no shared index. Only when four live keys are there does a further key
+//! go to the root-level skiplist of nodes, the [`NodeMap`], keyed by
+//! [`NodeIx`] = (head generation and range tag, node key); from then on
+//! the head is *spilled* and its walks ([`HeadNodes`]) merge the inline
+//! nodes into its map range, in the order of semantics.md §3.1. Just
+//! before that range lies the head's *late-ADD marker* range (see below).
+//! The generation is unique per head object, so a head created after its
+//! bytenr's previous head was retired never meets that head's leftover
+//! (zero) map nodes, which the retiring runner unlinks after closing.
 //!
-//! A node is `(NodeIx → count: AtomicI64)`: positive = that many ADDs,
-//! negative = DROPs, zero = no node. Every add call is `fetch_add(±1)`
-//! (semantics.md §4.7 with ref_mod 1: "decrement, never flip"), so an action flip
-//! always passes through zero, and the old value of the RMW tells exactly
-//! what happened (see [`Transition`]). A zero node is "absent"; the claiming
-//! runner kills and unlinks zero nodes as it passes them (module `count`),
-//! and unlinks whatever is left when it retires the head.
+//! A node's count is signed: positive = that many ADDs, negative = DROPs,
+//! zero = no node. Every add call changes it by ±1 (semantics.md §4.7 with
+//! ref_mod 1: "decrement, never flip"), so an action flip always passes
+//! through zero, and the old value of the RMW tells exactly what happened
+//! (see [`Transition`]). A zero map node is killed and unlinked by the
+//! change that brought it to zero, or by the runner that passes it (module
+//! `count`); a zero inline node keeps its slot until its key comes back or
+//! an inserter needs the slot.
 //!
 //! # Late-ADD markers (adds before drops, semantics.md §3.3, §11.18)
 //!
@@ -27,7 +30,8 @@
 //! next ADD in O(1). Here the claiming runner first walks the whole node
 //! range taking ADDs (its add scan), then walks it again taking DROPs. An
 //! ADD created after the claim is the only kind the add scan can miss; its
-//! adder leaves a marker: an entry at the same key in the marker range whose
+//! adder leaves a marker (a map key's; an inline node needs none, the
+//! runner looks at every inline node when `add_epoch` moves): an entry at the same key in the marker range whose
 //! count is the number of such notes, and then bumps `add_epoch`. Before
 //! each drop the runner compares `add_epoch` with the value it last drained
 //! at (one load) and, when it moved, runs the ADDs the markers name, each
@@ -41,7 +45,8 @@
 //!
 //! # Synchronization
 //!
-//! Node counts: adders `fetch_add(AcqRel)`; the runner takes a count with
+//! Map node counts: adders `fetch_add(AcqRel)` (inline counts: a CAS at the
+//! slot's generation, module `inline`); the runner takes a count with
 //! `compare_exchange(v, 0, AcqRel)` from the value it read: an adder's
 //! concurrent change makes the CAS fail and the runner re-reads (take vs merge
 //! never loses or doubles a ref). Head counts (`ref_mod`, `total_ref_mod`) are
