@@ -40,9 +40,13 @@ for label, reps in rows.items():
         for s in r["results"]:
             ops.setdefault(s["impl"], []).append(s["ops_per_sec"])
             p999.setdefault(s["impl"], []).append(s["p999_ns"])
-    h_ns = med([r["harness"]["ns_per_op"] for r in reps if r.get("harness")])
-    h_share = med([r["harness"]["share_of"].get("lockfree") for r in reps if r.get("harness")])
+    def finite(x):
+        return x if isinstance(x, (int, float)) and x == x and x != float("inf") else None
+
+    h_ns = med([finite(r["harness"]["ns_per_op"]) for r in reps if r.get("harness")])
+    h_share = med([finite(r["harness"]["share_of"].get("lockfree")) for r in reps if r.get("harness")])
+    harness = f"{h_ns:.0f} ({h_share * 100:.0f}%)" if h_ns == h_ns else "n/a (counts refs run)"
     mops = " / ".join(f"{med(ops.get(n, [])) / 1e6:.2f}" for n in ("locked", "sharded", "lockfree"))
     lat = f"{med(p999.get('locked', [])) / 1e3:.1f} / {med(p999.get('lockfree', [])) / 1e3:.1f}"
     verdicts = ",".join(r["verdict"] for r in reps)
-    print(f"| {label} | {med(ol):.2f} ({spread(ol)}) | {med(os_):.2f} ({spread(os_)}) | {mops} | {h_ns:.0f} ({h_share * 100:.0f}%) | {lat} | {verdicts} |")
+    print(f"| {label} | {med(ol):.2f} ({spread(ol)}) | {med(os_):.2f} ({spread(os_)}) | {mops} | {harness} | {lat} | {verdicts} |")

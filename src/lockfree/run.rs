@@ -207,6 +207,11 @@ enum Visit {
 }
 
 impl Visit {
+    /// Whether the head was held back (and unselected).
+    fn held(self) -> bool {
+        self == Visit::HeldBack
+    }
+
     /// Record a run in `ran`; true if the head was held back.
     fn note(self, ran: &mut bool) -> bool {
         *ran |= self == Visit::Ran;
@@ -510,7 +515,6 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         if !head.is_data() {
             merge_pass(refs, head, guard);
         }
-        let mut ran = false;
         // Markers noted before this load name ADDs the add scan below finds anyway; the
         // first look (before the drop scan's first node, or after the scan
         // if the range is empty) drains them as no-ops.
@@ -523,7 +527,7 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         // this pass) is in the range; later ones are marked.
         let mut last = None;
         for n in head.head.nodes(&refs.nodes, guard) {
-            if visit_scanned(refs, backend, guard, head, &n, true, None, &mut last, &mut stats)?.note(&mut ran) {
+            if visit_scanned(refs, backend, guard, head, &n, true, None, &mut last, &mut stats)?.held() {
                 return Ok((HeadOutcome::HeldBack, stats));
             }
         }
@@ -531,24 +535,23 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         let mut last = None;
         for n in head.head.nodes(&refs.nodes, guard) {
             loop {
-                if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran) {
+                if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.held() {
                     return Ok((HeadOutcome::HeldBack, stats));
                 }
                 match visit_scanned(refs, backend, guard, head, &n, false, Some(seen), &mut last, &mut stats)? {
                     Visit::LateAdds => continue,
-                    v if v.note(&mut ran) => return Ok((HeadOutcome::HeldBack, stats)),
+                    v if v.held() => return Ok((HeadOutcome::HeldBack, stats)),
                     _ => break,
                 }
             }
         }
-        if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.note(&mut ran) {
+        if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.held() {
             return Ok((HeadOutcome::HeldBack, stats));
         }
         // No second pass just because this one ran something: like the
         // kernel's cleanup of a head, go on to the leftover op and the close,
         // whose emptiness check (after `w0`) starts another pass if refs
-        // were queued meanwhile. `ran` only feeds the held-back bookkeeping.
-        let _ = ran;
+        // were queued meanwhile.
         // §6.11 step 1: a leftover extent op.
         // An op on a head with must_insert_reserved is discarded only once the
         // head is retired (below): an adder may still be publishing the ref

@@ -658,6 +658,15 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &[], &ratios, None)).unwrap();
         assert_eq!(v["ratio_lockfree_over_locked"], 1.5);
         assert_eq!(v["ratio_lockfree_over_sharded"], 0.75);
+        assert!(v.get("harness").is_none(), "no harness figures unless asked");
+        // The harness at 4x the lock-free root's throughput costs a quarter
+        // of its time per op.
+        let lf_ops = sums[2].ops_per_sec;
+        let harness = Harness::of(4.0 * lf_ops, &sums);
+        assert!((harness.share_of["lockfree"] - 0.25).abs() < 1e-9, "{harness:?}");
+        assert!((harness.ns_per_op - 1e9 / (4.0 * lf_ops)).abs() < 1e-6);
+        let v: serde_json::Value = serde_json::from_str(&json(&h, &sums, &[], &ratios, Some(&harness))).unwrap();
+        assert!((v["harness"]["share_of"]["lockfree"].as_f64().unwrap() - 0.25).abs() < 1e-9);
         assert_eq!(v["round_ratios_lockfree_over_sharded"], serde_json::json!([0.75, 1.0, 0.5]));
         let t = table(&h, &sums, &[], &ratios);
         assert!(t.contains("ratio lockfree/locked: median 1.500, min-max 1.000-2.000 over 3 rounds"), "{t}");
