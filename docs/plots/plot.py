@@ -42,8 +42,11 @@ def load(root, group):
         idir = os.path.join(gdir, impl)
         if not os.path.isdir(idir):
             continue
-        for x in os.listdir(idir):
-            new = os.path.join(idir, x, "new")
+        # One point per implementation (tree_drain: one runner) sits
+        # directly under the implementation's directory.
+        points = [("1", os.path.join(idir, "new"))] if os.path.isdir(os.path.join(idir, "new")) else []
+        points += [(x, os.path.join(idir, x, "new")) for x in os.listdir(idir) if x.isdigit()]
+        for x, new in points:
             try:
                 est = json.load(open(os.path.join(new, "estimates.json")))
                 meta = json.load(open(os.path.join(new, "benchmark.json")))
@@ -51,7 +54,7 @@ def load(root, group):
                 continue
             thr = meta.get("throughput") or {}
             elems = thr.get("Elements")
-            if elems is None or not x.isdigit():
+            if elems is None:
                 continue
             ns = est["median"]["point_estimate"]
             out.setdefault(impl, {})[int(x)] = elems / (ns * 1e-9)
