@@ -48,6 +48,17 @@ pub struct ExtentInfo {
 
 /// An extent tree the runner applies refs to. Implementations are shared by
 /// concurrent runners; each call must be atomic for its extent.
+///
+/// # Errors and panics
+///
+/// An error from [`ExtentTree::apply_ref`] or [`ExtentTree::apply_extent_op`]
+/// puts the ref (or op) back on its head and releases the head: the run
+/// returns [`crate::Error::Backend`] and a later run retries it. A panic
+/// does the same, then goes on unwinding into the caller of `run`,
+/// `run_one` or `commit_drain`: nothing queued is lost, no head stays
+/// claimed, and a later run or `destroy` finishes (tests/backend_panic.rs,
+/// every implementation). A panic in [`ExtentTree::pin_reserved`], called
+/// after its head was retired, loses only that pin.
 pub trait ExtentTree: Send + Sync {
     /// Apply one merged ref (semantics.md §6.10). On error nothing may have changed.
     fn apply_ref(&self, run: &RefRun<'_>) -> Result<(), ExtentError>;

@@ -121,7 +121,19 @@ fn run_head<B: ExtentTree + ?Sized>(
                 extent_op: op.as_ref(),
                 owning_root,
             };
-            if let Err(e) = backend.apply_ref(&run) {
+            // A panicking backend: put the ref back and release the head
+            // (the token drops on the way), then let the panic go on to
+            // the caller; a later run or `destroy` finds the head unclaimed.
+            let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.apply_ref(&run))) {
+                Ok(res) => res,
+                Err(panic) => {
+                    restore(refs, h, key, node, mir, op);
+                    refs.unselect(h);
+                    drop(token);
+                    std::panic::resume_unwind(panic);
+                }
+            };
+            if let Err(e) = res {
                 restore(refs, h, key, node, mir, op);
                 refs.unselect(h);
                 drop(token);
@@ -138,7 +150,17 @@ fn run_head<B: ExtentTree + ?Sized>(
         if let Some(op) = hi.cleanup_extent_op() {
             let nb = hi.num_bytes();
             drop(hi);
-            if let Err(e) = backend.apply_extent_op(h.bytenr, nb, h.is_data, &op) {
+            let apply = || backend.apply_extent_op(h.bytenr, nb, h.is_data, &op);
+            let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)) {
+                Ok(res) => res,
+                Err(panic) => {
+                    h.inner.lock().restore_extent_op(op);
+                    refs.unselect(h);
+                    drop(token);
+                    std::panic::resume_unwind(panic);
+                }
+            };
+            if let Err(e) = res {
                 h.inner.lock().restore_extent_op(op);
                 refs.unselect(h);
                 drop(token);

@@ -155,33 +155,20 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
             extent_op: op.as_ref(),
             owning_root: head.owning_root(),
         };
-        let res = backend.apply_ref(&run);
+        // A panicking backend: put the ref back and release the head, then
+        // let the panic go on to the caller of `run` (nothing queued is
+        // lost, and a later run or `destroy` finds the head unclaimed).
+        let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.apply_ref(&run))) {
+            Ok(res) => res,
+            Err(panic) => {
+                restore_taken(refs, guard, head, node, v, mir, op);
+                drop(window);
+                refs.unselect(head);
+                std::panic::resume_unwind(panic);
+            }
+        };
         if let Err(e) = res {
-            // Put everything back: nothing queued may be lost.
-            // Through change_node: an adder may have killed the emptied
-            // node meanwhile (re-allocation at another level).
-            let (t, unlinked, _) = head.change_node(&refs.nodes, key, v, node.level(), guard);
-            if unlinked {
-                refs.counters.retired.add(1);
-            }
-            match t {
-                Transition::Created => refs.counters.num_entries.add(1),
-                Transition::Merged => {
-                    refs.fs.reserves.delayed_refs_rsv_release(1, 0);
-                }
-                Transition::Dropped => {
-                    refs.counters.num_entries.add(-1);
-                    refs.fs.reserves.delayed_refs_rsv_release(2, 0);
-                }
-                Transition::None => {}
-            }
-            head.restore_ref_mod(v);
-            if mir {
-                head.restore_must_insert();
-            }
-            if let Some(op) = op {
-                head.restore_op(op);
-            }
+            restore_taken(refs, guard, head, node, v, mir, op);
             drop(window);
             return Err(Error::Backend { bytenr: head.bytenr, source: e });
         }
@@ -192,6 +179,45 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
         stats.refs += 1;
         stats.bytes_released += g.delayed_ref_bytes(1);
         return Ok(Take::Ran);
+    }
+}
+
+/// Put back what a failed (or panicked) run of `node` took: its count `v`,
+/// the must_insert_reserved flag and the extent op (nothing queued may be
+/// lost).
+#[allow(clippy::too_many_arguments)]
+fn restore_taken<S: Stores>(
+    refs: &Engine<S>,
+    guard: &S::Guard,
+    head: &Claimed<'_>,
+    node: &Node<'_, S>,
+    v: i64,
+    mir: bool,
+    op: Option<crate::domain::extent_op::ExtentOp>,
+) {
+    // Through change_node: an adder may have killed the emptied node
+    // meanwhile (re-allocation at another level).
+    let (t, unlinked, _) = head.change_node(&refs.nodes, node.key(), v, node.level(), guard);
+    if unlinked {
+        refs.counters.retired.add(1);
+    }
+    match t {
+        Transition::Created => refs.counters.num_entries.add(1),
+        Transition::Merged => {
+            refs.fs.reserves.delayed_refs_rsv_release(1, 0);
+        }
+        Transition::Dropped => {
+            refs.counters.num_entries.add(-1);
+            refs.fs.reserves.delayed_refs_rsv_release(2, 0);
+        }
+        Transition::None => {}
+    }
+    head.restore_ref_mod(v);
+    if mir {
+        head.restore_must_insert();
+    }
+    if let Some(op) = op {
+        head.restore_op(op);
     }
 }
 
@@ -569,7 +595,18 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
                 continue;
             }
             let Some(op) = op else { continue };
-            let res = backend.apply_extent_op(head.bytenr, head.num_bytes(), head.is_data(), &op);
+            let apply = || backend.apply_extent_op(head.bytenr, head.num_bytes(), head.is_data(), &op);
+            let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)) {
+                Ok(res) => res,
+                Err(panic) => {
+                    // As a panicking `apply_ref`: the op goes back, the
+                    // head is released, the panic goes on.
+                    head.restore_op(op);
+                    drop(window);
+                    refs.unselect(head);
+                    std::panic::resume_unwind(panic);
+                }
+            };
             if let Err(e) = res {
                 head.restore_op(op);
                 drop(window);
