@@ -15,7 +15,7 @@
 //! |---|---|---|
 //! | `FREE(g)` | unused, not published | an inserter claims it: `CLAIMED(g+1)` |
 //! | `CLAIMED(g)` | its claimer writes the key, then publishes the slot (membership CAS) | the claimer: `LIVE(g, 0)` after publishing, or `FREE(g)` after losing; anyone who sees it published: `LIVE(g, 0)` (helping) |
-//! | `LIVE(g, c)` | a published node with count `c` (0: no pending ref) | adders and the runner: CAS `c → c'` at generation `g`; anyone: kill at `c = 0` |
+//! | `LIVE(g, c)` | a published node with count `c` (0: no pending ref) | adders and the runner: CAS `c → c'` at generation `g`; an inserter that finds no free slot: kill at `c = 0` (`reclaim_zero`) |
 //! | `DEAD(g)` | killed at 0: absent | its killer unpublishes it (membership CAS), then stores `FREE(g)` |
 //!
 //! Membership word (one CAS per change, each bumps the version):
