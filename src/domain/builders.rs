@@ -103,6 +103,17 @@ fn check_common(call: &'static str, action: Action, bytenr: u64, num_bytes: u64)
     Ok(())
 }
 
+/// A shared ref names its parent block and the tree that block is in.
+fn check_shared(bytenr: u64, parent: u64, root: u64) -> Result<()> {
+    if parent == 0 {
+        return Err(Error::MissingParent { bytenr });
+    }
+    if root == 0 {
+        return Err(Error::MissingRoot { bytenr });
+    }
+    Ok(())
+}
+
 fn check_level(bytenr: u64, level: u8) -> Result<()> {
     if u64::from(level) >= MAX_LEVEL {
         return Err(Error::BadLevel { bytenr, level });
@@ -201,12 +212,7 @@ impl SharedBlockRef {
     /// `level >= 8`.
     pub fn build(self) -> Result<GenericRef> {
         check_common("SharedBlockRef::build", self.action, self.bytenr, self.num_bytes)?;
-        if self.parent == 0 {
-            return Err(Error::MissingParent { bytenr: self.bytenr });
-        }
-        if self.root == 0 {
-            return Err(Error::MissingRoot { bytenr: self.bytenr });
-        }
+        check_shared(self.bytenr, self.parent, self.root)?;
         check_level(self.bytenr, self.level)?;
         Ok(GenericRef::new(self.action, self.bytenr, self.num_bytes, self.parent, self.owning_root).tree(
             self.level,
@@ -308,12 +314,7 @@ impl SharedDataRef {
     /// [`Error::MissingRoot`] for `root == 0`.
     pub fn build(self) -> Result<GenericRef> {
         check_common("SharedDataRef::build", self.action, self.bytenr, self.num_bytes)?;
-        if self.parent == 0 {
-            return Err(Error::MissingParent { bytenr: self.bytenr });
-        }
-        if self.root == 0 {
-            return Err(Error::MissingRoot { bytenr: self.bytenr });
-        }
+        check_shared(self.bytenr, self.parent, self.root)?;
         Ok(GenericRef::new(self.action, self.bytenr, self.num_bytes, self.parent, self.owning_root).data(
             self.root,
             0,

@@ -74,3 +74,33 @@ pub trait ExtentTree: Send + Sync {
     /// The extent's on-disk refs and flags, `None` if it has no item.
     fn lookup(&self, bytenr: u64) -> Option<ExtentInfo>;
 }
+
+/// What a failed backend call left: its error, or the payload of its panic,
+/// which the run resumes once it has put back what the call was given.
+pub(crate) enum BackendFailure {
+    Error(ExtentError),
+    Panic(Box<dyn std::any::Any + Send>),
+}
+
+/// Call the backend, catching a panic (both implementations' runs).
+pub(crate) fn call_backend(f: impl FnOnce() -> Result<(), ExtentError>) -> Result<(), BackendFailure> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(res) => res.map_err(BackendFailure::Error),
+        Err(panic) => Err(BackendFailure::Panic(panic)),
+    }
+}
+
+impl BackendFailure {
+    /// Whether the call panicked.
+    pub(crate) fn is_panic(&self) -> bool {
+        matches!(self, BackendFailure::Panic(_))
+    }
+
+    /// The run's error for `bytenr`; a panic resumes unwinding instead.
+    pub(crate) fn into_error(self, bytenr: u64) -> crate::Error {
+        match self {
+            BackendFailure::Error(source) => crate::Error::Backend { bytenr, source },
+            BackendFailure::Panic(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}

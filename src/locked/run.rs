@@ -11,7 +11,7 @@ use super::head::{Head, InsertEffect};
 use crate::api::{HeadOutcome, RunMode, RunStats};
 use crate::domain::extent_op::ExtentOp;
 use crate::error::{Error, Result};
-use crate::extent_tree::{ExtentTree, RefRun};
+use crate::extent_tree::{ExtentTree, RefRun, call_backend};
 
 type Token = ArcMutexGuard<RawMutex, ()>;
 
@@ -121,23 +121,14 @@ fn run_head<B: ExtentTree + ?Sized>(
                 extent_op: op.as_ref(),
                 owning_root,
             };
-            // A panicking backend: put the ref back and release the head
-            // (the token drops on the way), then let the panic go on to
-            // the caller; a later run or `destroy` finds the head unclaimed.
-            let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.apply_ref(&run))) {
-                Ok(res) => res,
-                Err(panic) => {
-                    restore(refs, h, key, node, mir, op);
-                    refs.unselect(h);
-                    drop(token);
-                    std::panic::resume_unwind(panic);
-                }
-            };
-            if let Err(e) = res {
+            // A failing or panicking backend: put the ref back and release
+            // the head; a panic then goes on to the caller, and a later run
+            // or `destroy` finds the head unclaimed.
+            if let Err(failure) = call_backend(|| backend.apply_ref(&run)) {
                 restore(refs, h, key, node, mir, op);
                 refs.unselect(h);
                 drop(token);
-                return Err(Error::Backend { bytenr: h.bytenr, source: e });
+                return Err(failure.into_error(h.bytenr));
             }
             crate::trace_ref!(run, h.bytenr, num_bytes, node.action, key, node.level, node.ref_mod);
             refs.fs.reserves.delayed_refs_rsv_release(1, 0);
@@ -150,21 +141,11 @@ fn run_head<B: ExtentTree + ?Sized>(
         if let Some(op) = hi.cleanup_extent_op() {
             let nb = hi.num_bytes();
             drop(hi);
-            let apply = || backend.apply_extent_op(h.bytenr, nb, h.is_data, &op);
-            let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)) {
-                Ok(res) => res,
-                Err(panic) => {
-                    h.inner.lock().restore_extent_op(op);
-                    refs.unselect(h);
-                    drop(token);
-                    std::panic::resume_unwind(panic);
-                }
-            };
-            if let Err(e) = res {
+            if let Err(failure) = call_backend(|| backend.apply_extent_op(h.bytenr, nb, h.is_data, &op)) {
                 h.inner.lock().restore_extent_op(op);
                 refs.unselect(h);
                 drop(token);
-                return Err(Error::Backend { bytenr: h.bytenr, source: e });
+                return Err(failure.into_error(h.bytenr));
             }
             stats.extent_ops += 1;
             continue;

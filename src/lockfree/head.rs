@@ -686,10 +686,10 @@ impl Head {
         self.add_epoch.fetch_add(1, Ordering::Release);
     }
 
-    /// The keys of the live inline nodes (the runner looks at them
-    /// whenever late ADDs were noted: they have no markers).
-    pub(crate) fn inline_keys(&self) -> impl Iterator<Item = NodeKey> + use<'_> {
-        self.inline.nodes().map(|n| n.key())
+    /// The live inline nodes with a non-zero count (the runner looks at
+    /// them whenever late ADDs were noted: they have no markers).
+    pub(crate) fn inline_nodes(&self) -> InlineNodes<'_> {
+        self.inline.nodes()
     }
 
     /// Whether any node is non-zero.

@@ -108,29 +108,21 @@ mod tests {
     #[test]
     fn enter_creates_once_and_reports_first() {
         let idx = MockMap::<u64, H>::new();
-        let first = enter(
-            &idx,
-            7,
-            fresh,
-            |h, first| {
-                h.state().exit();
-                first
-            },
-            &(),
-        );
-        assert!(first);
+        let enter_and_leave = || {
+            enter(
+                &idx,
+                7,
+                fresh,
+                |h, first| {
+                    h.state().exit();
+                    first
+                },
+                &(),
+            )
+        };
+        assert!(enter_and_leave());
         let e = idx.get(&7, &()).unwrap();
-        let first2 = enter(
-            &idx,
-            7,
-            fresh,
-            |h, first| {
-                h.state().exit();
-                first
-            },
-            &(),
-        );
-        assert!(!first2);
+        assert!(!enter_and_leave());
         assert!(e.same_node(&idx.get(&7, &()).unwrap()));
         assert_eq!(idx.len(), 1);
     }

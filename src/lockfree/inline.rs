@@ -375,8 +375,38 @@ impl InlineSet {
         (0..SLOTS).filter(|&i| m & bit(i) != 0).any(|i| {
             // Acquire: as in `read`; the kill's CAS decides.
             let w = Word::unpack(self.slots[i].word.load(Ordering::Acquire));
-            w.val == 0 && InlineRef::bare(self, i, w.generation).try_kill()
+            w.val == 0 && self.kill(i, w.generation)
         })
+    }
+
+    /// Kill slot `i`'s node of `generation` if its count is 0, unpublish it
+    /// and free the slot; true if this call did.
+    fn kill(&self, i: usize, generation: u64) -> bool {
+        let word = &self.slots[i].word;
+        let (from, to) = (Word::live(generation, 0), Word { generation, val: DEAD }.pack());
+        // AcqRel: ordered with every count change at this generation.
+        if word.compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return false;
+        }
+        // The bit is set (a LIVE slot was published) and only this killer
+        // clears it.
+        let mut m = self.members();
+        loop {
+            debug_assert!(m & bit(i) != 0, "a live inline node is published");
+            // AcqRel: orders the unpublish before the FREE store below.
+            match self.members.compare_exchange_weak(
+                m,
+                (m & !bit(i)) + VERSION_ONE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(cur) => m = cur,
+            }
+        }
+        // Release: a claimer that reads FREE sees the slot unpublished.
+        word.store(Word { generation, val: FREE }.pack(), Ordering::Release);
+        true
     }
 
     /// Claim free slot `i` and write `key` into it (not yet published).
@@ -409,12 +439,6 @@ impl<'h> InlineRef<'h> {
     /// The node's level (tree blocks).
     pub(crate) fn level(&self) -> u8 {
         self.level
-    }
-
-    /// A handle on slot `i` at `generation` for killing only (no key read).
-    fn bare(set: &'h InlineSet, i: usize, generation: u64) -> InlineRef<'h> {
-        let key = NodeKey { key: RefKey::TreeBlock { root: 0 }, seq: 0 };
-        InlineRef { set, i, generation, key, level: 0 }
     }
 
     fn word(&self) -> &'h AtomicU64 {
@@ -471,30 +495,7 @@ impl<'h> InlineRef<'h> {
     /// Kill the node if its count is 0, unpublish it and free its slot;
     /// true if this call did.
     pub(crate) fn try_kill(&self) -> bool {
-        let (from, to) = (Word::live(self.generation, 0), Word { generation: self.generation, val: DEAD }.pack());
-        // AcqRel: ordered with every count change at this generation.
-        if self.word().compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed).is_err() {
-            return false;
-        }
-        // The bit is set (a LIVE slot was published) and only this killer
-        // clears it.
-        let mut m = self.set.members();
-        loop {
-            debug_assert!(m & bit(self.i) != 0, "a live inline node is published");
-            // AcqRel: orders the unpublish before the FREE store below.
-            match self.set.members.compare_exchange_weak(
-                m,
-                (m & !bit(self.i)) + VERSION_ONE,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => break,
-                Err(cur) => m = cur,
-            }
-        }
-        // Release: a claimer that reads FREE sees the slot unpublished.
-        self.word().store(Word { generation: self.generation, val: FREE }.pack(), Ordering::Release);
-        true
+        self.set.kill(self.i, self.generation)
     }
 }
 

@@ -31,7 +31,7 @@ use crate::domain::key::{NodeKey, RefKey, comp_refs};
 use crate::domain::kind::Action;
 use crate::domain::merge::merge_run;
 use crate::error::{Error, Result};
-use crate::extent_tree::{ExtentTree, RefRun};
+use crate::extent_tree::{ExtentTree, RefRun, call_backend};
 use crate::sync::Ordering;
 
 /// An entry of the engine's node map.
@@ -155,22 +155,18 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
             extent_op: op.as_ref(),
             owning_root: head.owning_root(),
         };
-        // A panicking backend: put the ref back and release the head, then
-        // let the panic go on to the caller of `run` (nothing queued is
-        // lost, and a later run or `destroy` finds the head unclaimed).
-        let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.apply_ref(&run))) {
-            Ok(res) => res,
-            Err(panic) => {
-                restore_taken(refs, guard, head, node, v, mir, op);
-                drop(window);
-                refs.unselect(head);
-                std::panic::resume_unwind(panic);
-            }
-        };
-        if let Err(e) = res {
+        // A failing or panicking backend: put the ref back; a panic also
+        // releases the head here (an error is unselected by `visit`, which
+        // the unwinding skips) and goes on to the caller of `run`, so
+        // nothing queued is lost and a later run or `destroy` finds the
+        // head unclaimed.
+        if let Err(failure) = call_backend(|| backend.apply_ref(&run)) {
             restore_taken(refs, guard, head, node, v, mir, op);
             drop(window);
-            return Err(Error::Backend { bytenr: head.bytenr, source: e });
+            if failure.is_panic() {
+                refs.unselect(head);
+            }
+            return Err(failure.into_error(head.bytenr));
         }
         // The even value publishes the applied state to readers.
         drop(window);
@@ -237,12 +233,6 @@ impl Visit {
     fn held(self) -> bool {
         self == Visit::HeldBack
     }
-
-    /// Record a run in `ran`; true if the head was held back.
-    fn note(self, ran: &mut bool) -> bool {
-        *ran |= self == Visit::Ran;
-        self == Visit::HeldBack
-    }
 }
 
 /// Take and run `n` if it has the wanted sign, then kill it if it reads 0.
@@ -277,26 +267,26 @@ fn visit<S: Stores, B: ExtentTree + ?Sized>(
 }
 
 /// Run the ADDs that adders marked since `seen` (module `head`, late-ADD
-/// markers): one load when nothing was marked.
-fn run_late_adds<S: Stores, B: ExtentTree + ?Sized>(
-    refs: &Engine<S>,
+/// markers): one load when nothing was marked. True if the head was held
+/// back (and unselected).
+fn run_late_adds<'g, S: Stores, B: ExtentTree + ?Sized>(
+    refs: &'g Engine<S>,
     backend: &B,
-    guard: &S::Guard,
-    head: &Claimed<'_>,
+    guard: &'g S::Guard,
+    head: &Claimed<'g>,
     seen: &mut u64,
     stats: &mut RunStats,
-) -> Result<Visit> {
+) -> Result<bool> {
     // After the bump, the marker it follows is in the map (`Head::add_epoch`).
     let epoch = head.add_epoch();
     if epoch == *seen {
-        return Ok(Visit::Nothing);
+        return Ok(false);
     }
     *seen = epoch;
-    let mut ran = false;
-    // The inline node has no marker: look at it on every move.
-    for key in head.head.inline_keys() {
-        if late_add(refs, backend, guard, head, key, stats)?.note(&mut ran) {
-            return Ok(Visit::HeldBack);
+    // Inline nodes have no markers: look at every live one on every move.
+    for n in head.head.inline_nodes() {
+        if late_add(refs, backend, guard, head, n.key(), Some(&HeadNode::Inline(n)), stats)?.held() {
+            return Ok(true);
         }
     }
     for m in head.markers(&refs.nodes, guard).into_iter().flatten() {
@@ -306,27 +296,28 @@ fn run_late_adds<S: Stores, B: ExtentTree + ?Sized>(
         // alive through the kill below; its adder bumped `add_epoch` after
         // noting, so the next look comes back for it.
         count::take_all(&m.value().count);
-        if late_add(refs, backend, guard, head, m.key().key, stats)?.note(&mut ran) {
-            return Ok(Visit::HeldBack);
+        if late_add(refs, backend, guard, head, m.key().key, None, stats)?.held() {
+            return Ok(true);
         }
-        if count::try_kill(&m.value().count) && m.remove() {
-            refs.counters.retired.add(1);
-        }
+        kill_if_zero(refs, &HeadNode::Map(m));
     }
-    Ok(if ran { Visit::Ran } else { Visit::Nothing })
+    Ok(false)
 }
 
-/// Run the late ADD at `key`, if it is still there.
+/// Run the late ADD at `key`, if it is still there (`node`: the node of
+/// `key` if the caller holds it, saving the search for it).
+#[allow(clippy::too_many_arguments)]
 fn late_add<'g, S: Stores, B: ExtentTree + ?Sized>(
     refs: &'g Engine<S>,
     backend: &B,
     guard: &'g S::Guard,
     head: &Claimed<'g>,
     key: NodeKey,
+    node: Option<&Node<'g, S>>,
     stats: &mut RunStats,
 ) -> Result<Visit> {
     if head.is_data() {
-        return match head.head.node(&refs.nodes, key, guard) {
+        return match node.cloned().or_else(|| head.head.node(&refs.nodes, key, guard)) {
             Some(n) => visit(refs, backend, guard, head, &n, true, None, stats),
             None => Ok(Visit::Nothing),
         };
@@ -561,7 +552,7 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         let mut last = None;
         for n in head.head.nodes(&refs.nodes, guard) {
             loop {
-                if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.held() {
+                if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)? {
                     return Ok((HeadOutcome::HeldBack, stats));
                 }
                 match visit_scanned(refs, backend, guard, head, &n, false, Some(seen), &mut last, &mut stats)? {
@@ -571,7 +562,7 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
                 }
             }
         }
-        if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)?.held() {
+        if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)? {
             return Ok((HeadOutcome::HeldBack, stats));
         }
         // No second pass just because this one ran something: like the
@@ -596,22 +587,13 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
             }
             let Some(op) = op else { continue };
             let apply = || backend.apply_extent_op(head.bytenr, head.num_bytes(), head.is_data(), &op);
-            let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)) {
-                Ok(res) => res,
-                Err(panic) => {
-                    // As a panicking `apply_ref`: the op goes back, the
-                    // head is released, the panic goes on.
-                    head.restore_op(op);
-                    drop(window);
-                    refs.unselect(head);
-                    std::panic::resume_unwind(panic);
-                }
-            };
-            if let Err(e) = res {
+            if let Err(failure) = call_backend(apply) {
+                // As a failed `apply_ref`: the op goes back, the head is
+                // released, a panic goes on to the caller.
                 head.restore_op(op);
                 drop(window);
                 refs.unselect(head);
-                return Err(Error::Backend { bytenr: head.bytenr, source: e });
+                return Err(failure.into_error(head.bytenr));
             }
             // The even value publishes the applied op.
             drop(window);
