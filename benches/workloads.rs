@@ -32,8 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{BatchSize, Bencher, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use delayed_refs::{
-    Action, DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FsConfig, GenericRef, LockFreeRefs, LockedRefs,
-    MemExtentTree, RefRun, RunMode, ShardedRefs, TransHandle,
+    Action, DelayedRefs, ExtentError, ExtentInfo, ExtentTree, FsConfig, GenericRef, LockFreeRefs, LockedRefs,
+    MemExtentTree, OpRun, Pin, RefRun, RunMode, ShardedRefs, TransHandle,
 };
 
 const ADDS_PER_THREAD: u64 = 4096;
@@ -204,16 +204,16 @@ impl<D: DelayedRefs> ExtentTree for LateAdder<'_, D> {
         self.tree.apply_ref(run)
     }
 
-    fn apply_extent_op(&self, bytenr: u64, num_bytes: u64, is_data: bool, op: &ExtentOp) -> Result<(), ExtentError> {
-        self.tree.apply_extent_op(bytenr, num_bytes, is_data, op)
+    fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError> {
+        self.tree.apply_extent_op(run)
     }
 
-    fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool) {
-        self.tree.pin_reserved(bytenr, num_bytes, is_data)
+    fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError> {
+        self.tree.pin_reserved(pin)
     }
 
-    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
-        self.tree.lookup(bytenr)
+    fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
+        ExtentTree::lookup(self.tree, bytenr)
     }
 }
 

@@ -21,6 +21,22 @@ pub struct FsConfig {
     pub reserves: ReserveConfig,
     /// Full qgroup accounting: adds create qgroup extent records (semantics.md §9).
     pub qgroups: bool,
+    /// Queued entries (heads plus ref nodes) at which
+    /// [`DelayedRefs::backpressure`] starts saying [`Backpressure::Throttle`];
+    /// 0: no limit of this kind (the reserve check still applies).
+    pub pending_limit: u64,
+}
+
+/// What [`DelayedRefs::backpressure`] tells an adder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backpressure {
+    /// Go on adding.
+    Proceed,
+    /// Runners are behind: the queue reached
+    /// [`FsConfig::pending_limit`], or the delayed-refs reserve no longer
+    /// covers what is queued. Run refs (`run_one`, `run(RunMode::Ready)`)
+    /// or wait for the runners before adding more.
+    Throttle,
 }
 
 /// Fs-wide state shared by the delayed-ref roots of successive transactions:
@@ -33,12 +49,19 @@ pub struct FsShared<C> {
     pub seq: SeqTracker,
     /// Whether qgroup records are kept.
     pub qgroups: bool,
+    /// [`FsConfig::pending_limit`].
+    pub pending_limit: u64,
 }
 
 impl<C: PairCell> FsShared<C> {
     /// Fresh fs-wide state.
     pub fn new(config: FsConfig) -> Self {
-        FsShared { reserves: FsReserves::new(config.reserves), seq: SeqTracker::new(), qgroups: config.qgroups }
+        FsShared {
+            reserves: FsReserves::new(config.reserves),
+            seq: SeqTracker::new(),
+            qgroups: config.qgroups,
+            pending_limit: config.pending_limit,
+        }
     }
 }
 
@@ -116,6 +139,9 @@ pub struct DestroyStats {
     pub nodes: u64,
     /// Bytes of reserved extents pinned.
     pub pinned_bytes: u64,
+    /// Reserved extents whose pin the backend refused (or panicked on);
+    /// cleanup went on without them.
+    pub pin_failures: u64,
 }
 
 /// Root counters (semantics.md §2.5, invariants 1-3, 20). Exact at quiescence; while
@@ -208,13 +234,22 @@ pub trait DelayedRefs: Send + Sync + Sized {
     /// Short name for reports (`lockfree`, `locked`).
     const NAME: &'static str;
 
-    /// A root over shared fs-wide state.
-    fn with_fs(fs: std::sync::Arc<FsShared<Self::Cell>>) -> Self;
+    /// The root of transaction `transid` over shared fs-wide state. The id
+    /// reaches the backend in every [`Batch`](crate::Batch).
+    fn for_transaction(fs: std::sync::Arc<FsShared<Self::Cell>>, transid: u64) -> Self;
 
-    /// A root with its own fresh fs-wide state.
+    /// A root over shared fs-wide state, transaction id 0.
+    fn with_fs(fs: std::sync::Arc<FsShared<Self::Cell>>) -> Self {
+        Self::for_transaction(fs, 0)
+    }
+
+    /// A root with its own fresh fs-wide state, transaction id 0.
     fn new(config: FsConfig) -> Self {
         Self::with_fs(std::sync::Arc::new(FsShared::new(config)))
     }
+
+    /// The transaction id the root was created with.
+    fn transid(&self) -> u64;
 
     /// The fs-wide state.
     fn fs(&self) -> &std::sync::Arc<FsShared<Self::Cell>>;
@@ -232,26 +267,85 @@ pub trait DelayedRefs: Send + Sync + Sized {
     fn find_head(&self, bytenr: u64) -> Option<HeadSnapshot>;
 
     /// Select one head round-robin, run it and retire it or hold it back
-    /// (semantics.md §6.2-6.11). `Ok(None)`: no unprocessed head.
+    /// (semantics.md §6.2-6.11), as one run batch of the backend's hooks.
+    /// `Ok(None)`: no unprocessed head.
+    ///
+    /// # Errors
+    ///
+    /// Each error says what to do next through [`Error::recovery`]
+    /// (docs/backend.md): a failing ref is back on its head and its head
+    /// released. A panicking backend call unwinds out of this call after
+    /// the same clean-up.
     fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>>;
 
-    /// Run delayed refs (`btrfs_run_delayed_refs`, semantics.md §6.5).
+    /// Run delayed refs (`btrfs_run_delayed_refs`, semantics.md §6.5), as one
+    /// run batch of the backend's hooks ([`ExtentTree::begin_run`] at the
+    /// first head it claims, [`ExtentTree::end_run`] at the end).
+    ///
+    /// # Errors
+    ///
+    /// As [`run_one`](Self::run_one); the run stops at the first error.
     fn run<B: ExtentTree + ?Sized>(&self, backend: &B, mode: RunMode) -> Result<RunStats>;
 
     /// On-disk plus pending refcount and flags of one extent (semantics.md §7.1),
     /// never observing a ref taken from its head but not yet applied.
-    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo>;
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the backend's [`ExtentTree::lookup`] fails;
+    /// nothing changes.
+    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Result<Option<ExtentInfo>>;
 
     /// Fast cleanup of a just-allocated tree block (semantics.md §7.2).
     fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome;
 
-    /// Drop everything unrun on transaction abort (semantics.md §7.3).
+    /// Drop everything unrun on transaction abort (semantics.md §7.3). A pin
+    /// the backend refuses is counted in [`DestroyStats::pin_failures`];
+    /// the cleanup goes on.
     fn destroy<B: ExtentTree + ?Sized>(&self, backend: &B) -> DestroyStats;
 
     /// Root counters (semantics.md §2.5). Exact at quiescence; while other threads
     /// add or run, the lock-free root returns an approximation (each field
     /// clamped at zero), the locked port a value taken under its root lock.
     fn counters(&self) -> Counters;
+
+    /// Whether adders should let runners catch up (the spirit of the
+    /// kernel's `btrfs_check_space_for_delayed_refs` and
+    /// `should_end_transaction`, semantics.md §8.1): [`Backpressure::Throttle`]
+    /// when the queued entries reached [`FsConfig::pending_limit`] or the
+    /// delayed-refs reserve is over budget.
+    ///
+    /// Cheap but not free (it reads the reserve and sums the entry counter):
+    /// an adder asks every few dozen adds, not before each one. Advisory: an
+    /// add never fails because of it.
+    ///
+    /// ```
+    /// use delayed_refs::{Action, Backpressure, DelayedRefs, FsConfig, LockFreeRefs, MemExtentTree, Qgroup,
+    ///     RunMode, TransHandle, TreeRef};
+    /// let refs = LockFreeRefs::new(FsConfig { pending_limit: 8, ..FsConfig::default() });
+    /// let tree = MemExtentTree::new();
+    /// let mut h = TransHandle::new();
+    /// for i in 0..100u64 {
+    ///     if refs.backpressure() == Backpressure::Throttle {
+    ///         refs.run(&tree, RunMode::Ready).unwrap();
+    ///     }
+    ///     let r = TreeRef { action: Action::AddExtent, bytenr: (i + 1) << 20, num_bytes: 16384, owning_root: 5,
+    ///         root: 5, level: 0, qgroup: Qgroup::ACCOUNT };
+    ///     refs.add_tree_ref(&mut h, &r.build().unwrap(), None).unwrap();
+    ///     // A head and its node per block: the queue stays near the limit.
+    ///     assert!(refs.counters().num_entries <= 8 + 2);
+    /// }
+    /// assert_eq!(tree.len(), 98); // the last blocks are still queued
+    /// ```
+    fn backpressure(&self) -> Backpressure {
+        let fs = self.fs();
+        let over_limit = fs.pending_limit > 0 && self.counters().num_entries >= fs.pending_limit;
+        if over_limit || fs.reserves.check_space_for_delayed_refs() {
+            Backpressure::Throttle
+        } else {
+            Backpressure::Proceed
+        }
+    }
 
     /// Every indexed head, by bytenr (consistent at quiescence).
     fn snapshot(&self) -> Vec<HeadSnapshot>;
@@ -282,6 +376,9 @@ pub trait DelayedRefs: Send + Sync + Sized {
     /// thread of `pool` runs delayed refs until the index is empty, refs added
     /// meanwhile included, then detaches ([`release_thread`](Self::release_thread)).
     /// Returns the summed run figures, or the first error a runner hit.
+    /// Each runner is its own run batch. A panicking backend call stops the
+    /// runner it hit; the others finish, then the panic goes on into the
+    /// caller (rayon's `broadcast` resumes it).
     ///
     /// Like [`RunMode::All`] it waits while a seq blocker holds refs back
     /// (§11.15): unregister blockers before draining.

@@ -4,6 +4,7 @@
 
 use crate::domain::key::RefKey;
 use crate::domain::kind::Action;
+use crate::extent_tree::StorageError;
 
 /// Errors of the extent-tree backend (semantics.md §6.10).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +50,56 @@ pub enum ExtentError {
         /// Extent start.
         bytenr: u64,
     },
+    /// The backend's own failure (I/O, database): the extent tree may be
+    /// fine, the call did not go through. Built with
+    /// [`ExtentError::storage`].
+    #[error("storage failure")]
+    Storage(#[source] StorageError),
+}
+
+impl ExtentError {
+    /// Wrap a backend's own error as [`ExtentError::Storage`].
+    pub fn storage(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ExtentError::Storage(StorageError::new(error))
+    }
+
+    /// Whether this is the backend's own failure ([`ExtentError::Storage`])
+    /// rather than a disagreement between the queue and the extent tree.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, ExtentError::Storage(_))
+    }
+}
+
+/// Which backend hook failed ([`Error::Hook`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// [`ExtentTree::begin_run`](crate::ExtentTree::begin_run).
+    BeginRun,
+    /// [`ExtentTree::end_run`](crate::ExtentTree::end_run).
+    EndRun,
+    /// [`ExtentTree::begin_head`](crate::ExtentTree::begin_head) for this extent.
+    BeginHead(u64),
+    /// [`ExtentTree::end_head`](crate::ExtentTree::end_head) for this extent.
+    EndHead(u64),
+}
+
+/// What a caller does after an [`Error`] ([`Error::recovery`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Recovery {
+    /// The call was refused and changed nothing: fix the input (or the
+    /// caller's accounting) and call again.
+    Rejected,
+    /// Nothing queued was lost: the failing ref is back on its head (or the
+    /// run never took it). Run again once the backend has recovered.
+    Retry,
+    /// Out of reserved space: run delayed refs (or commit the transaction)
+    /// to release reservations, then call again.
+    RunRefs,
+    /// The transaction cannot complete: the extent tree disagrees with the
+    /// queue, or something that had already left the queue may not have
+    /// reached storage. Abort it: `destroy` the root, then go back to the
+    /// last committed state.
+    Abort,
 }
 
 /// Errors of the delayed-ref API.
@@ -136,7 +187,8 @@ pub enum Error {
         /// Bytes asked for.
         wanted: u64,
     },
-    /// The backend refused a run; the ref was put back on its head.
+    /// The backend refused a ref, an extent op or a lookup; a ref or op was
+    /// put back on its head.
     ///
     /// The message names the extent only; the backend's reason is the
     /// error's [`source`](std::error::Error::source), so that a reporter
@@ -149,6 +201,63 @@ pub enum Error {
         #[source]
         source: ExtentError,
     },
+    /// A batch hook of the backend failed ([`Hook`]). A begin hook failed
+    /// before anything was taken; an end hook failed after the refs of its
+    /// batch had left the queue.
+    #[error("the extent-tree backend's {hook:?} hook failed")]
+    Hook {
+        /// Which hook.
+        hook: Hook,
+        /// Backend error.
+        #[source]
+        source: ExtentError,
+    },
+    /// Pinning a cancelled allocation failed after its head was retired: the
+    /// pin is lost, the extent's reserved space is unaccounted for.
+    #[error("extent {bytenr}: pinning {num_bytes} reserved bytes failed after the head was retired")]
+    PinLost {
+        /// Extent start.
+        bytenr: u64,
+        /// Extent length.
+        num_bytes: u64,
+        /// Backend error.
+        #[source]
+        source: ExtentError,
+    },
+}
+
+impl Error {
+    /// What a caller does after this error (docs/backend.md, "Recovery").
+    ///
+    /// ```
+    /// use delayed_refs::{Error, ExtentError, Recovery};
+    /// let io = std::io::Error::new(std::io::ErrorKind::Other, "disk gone");
+    /// let e = Error::Backend { bytenr: 4096, source: ExtentError::storage(io) };
+    /// assert_eq!(e.recovery(), Recovery::Retry);
+    /// let e = Error::Backend { bytenr: 4096, source: ExtentError::MissingExtent { bytenr: 4096 } };
+    /// assert_eq!(e.recovery(), Recovery::Abort);
+    /// ```
+    pub fn recovery(&self) -> Recovery {
+        match self {
+            Error::ZeroLength { .. }
+            | Error::DataMismatch { .. }
+            | Error::ReservedOnMetadata { .. }
+            | Error::BadAction { .. }
+            | Error::MissingRoot { .. }
+            | Error::MissingParent { .. }
+            | Error::BadLevel { .. }
+            | Error::RsvUnderflow { .. } => Recovery::Rejected,
+            Error::NoSpace { .. } => Recovery::RunRefs,
+            // The backend could not do it this time; the queue is intact.
+            Error::Backend { source, .. } if source.is_storage() => Recovery::Retry,
+            Error::Hook { hook: Hook::BeginRun | Hook::BeginHead(_), .. } => Recovery::Retry,
+            // The queue and the extent tree disagree (a retry fails the same
+            // way), or applied refs may not be durable, or a pin is lost.
+            Error::Backend { .. } | Error::Hook { .. } | Error::TreeRefMod { .. } | Error::PinLost { .. } => {
+                Recovery::Abort
+            }
+        }
+    }
 }
 
 /// Result alias.

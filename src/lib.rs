@@ -45,6 +45,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod batch;
 pub(crate) mod sync;
 
 pub mod api;
@@ -71,8 +72,8 @@ mod shuttle_models;
 pub struct ReadmeDoctests;
 
 pub use api::{
-    AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsConfig, FsShared, HeadOutcome, HeadSnapshot,
-    NodeSnapshot, RunMode, RunStats,
+    AddOutcome, Backpressure, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsConfig, FsShared, HeadOutcome,
+    HeadSnapshot, NodeSnapshot, RunMode, RunStats,
 };
 pub use domain::builders::{DataRef, Qgroup, SharedBlockRef, SharedDataRef, TreeRef};
 pub use domain::extent_op::{DiskKey, ExtentOp};
@@ -84,8 +85,11 @@ pub use domain::kind::{
 };
 pub use domain::qgroup::QgroupRecord;
 pub use domain::seq::{SeqBlocker, SeqError, SeqTracker};
-pub use error::{Error, ExtentError, Result};
-pub use extent_tree::{ExtentInfo, ExtentItem, ExtentTree, MemExtentTree, RefRun};
+pub use error::{Error, ExtentError, Hook, Recovery, Result};
+pub use extent_tree::{
+    Batch, BatchEnd, ExtentInfo, ExtentItem, ExtentTree, FaultConfig, FaultStats, FaultyTree, InjectedPanic,
+    MemExtentTree, OpRun, Pin, RefRun, StorageError,
+};
 pub use locked::LockedRefs;
 #[cfg(not(any(dref_loom, dref_shuttle)))]
 pub use lockfree::LockFreeRefs;

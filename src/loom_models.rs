@@ -141,7 +141,7 @@ fn loom_engine_reader_vs_runner_vs_retire() {
         empty_head(&refs);
         let reader = {
             let (refs, tree) = (refs.clone(), tree.clone());
-            thread::spawn(move || refs.lookup_extent_info(&*tree, E).map_or(0, |i| i.refs))
+            thread::spawn(move || refs.lookup_extent_info(&*tree, E).unwrap().map_or(0, |i| i.refs))
         };
         assert!(matches!(refs.check_ref_cleanup(E), CleanupOutcome::Deleted { .. }));
         add(&refs, &data(Action::Add, E, 2));

@@ -15,7 +15,7 @@ use crate::domain::geometry::Geometry;
 use crate::domain::key::RefKey;
 use crate::domain::kind::Action;
 use crate::error::ExtentError;
-use crate::extent_tree::{ExtentInfo, ExtentTree, RefRun};
+use crate::extent_tree::{ExtentInfo, ExtentTree, OpRun, Pin, RefRun};
 use crate::lockfree::root::Engine;
 use crate::lockfree::store::mock::MockStores;
 use crate::rsv::reserves::{ReleaseRouting, ReserveConfig};
@@ -35,7 +35,7 @@ pub(crate) fn engine() -> ModelRefs {
         space_total: 1 << 28,
         global_size: 0,
     };
-    Engine::with_fs(std::sync::Arc::new(FsShared::new(FsConfig { reserves, qgroups: false })))
+    Engine::with_fs(std::sync::Arc::new(FsShared::new(FsConfig { reserves, qgroups: false, pending_limit: 0 })))
 }
 
 /// A data ref of inode `ino` (root 5) on `bytenr`.
@@ -112,18 +112,21 @@ impl ExtentTree for ModelTree {
         Ok(())
     }
 
-    fn apply_extent_op(&self, bytenr: u64, _: u64, _: bool, _: &ExtentOp) -> Result<(), ExtentError> {
+    fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError> {
+        let bytenr = run.bytenr;
         match self.items.lock().unwrap().contains_key(&bytenr) {
             true => Ok(()),
             false => Err(ExtentError::MissingExtent { bytenr }),
         }
     }
 
-    fn pin_reserved(&self, _: u64, _: u64, _: bool) {}
+    fn pin_reserved(&self, _: &Pin) -> Result<(), ExtentError> {
+        Ok(())
+    }
 
-    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
+    fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
         let items = self.items.lock().unwrap();
-        items.get(&bytenr).map(|b| ExtentInfo { refs: b.values().sum(), flags: 0 })
+        Ok(items.get(&bytenr).map(|b| ExtentInfo { refs: b.values().sum(), flags: 0 }))
     }
 }
 

@@ -124,6 +124,7 @@ use crate::api::{
     self, AddOutcome, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsShared, HeadOutcome, HeadSnapshot,
     RunMode, RunStats,
 };
+use crate::batch::{BatchIds, RunScope, run_batch};
 use crate::domain::extent_op::ExtentOp;
 use crate::domain::generic_ref::GenericRef;
 use crate::domain::qgroup::QgroupRecord;
@@ -184,6 +185,8 @@ pub struct ShardedRefs {
     shards: Box<[CachePadded<LockedRefs>]>,
     /// Where the next rotation starts (a spreading hint, see the module docs).
     cursor: AtomicUsize,
+    /// One run batch spans the shards a run visits.
+    batches: BatchIds,
 }
 
 impl ShardedRefs {
@@ -193,9 +196,14 @@ impl ShardedRefs {
     ///
     /// If `shards` is 0.
     pub fn with_shards(fs: Arc<FsShared<LockedCell>>, shards: usize) -> Self {
+        Self::with_shards_for(fs, shards, 0)
+    }
+
+    /// [`with_shards`](Self::with_shards) for transaction `transid`.
+    pub fn with_shards_for(fs: Arc<FsShared<LockedCell>>, shards: usize, transid: u64) -> Self {
         assert!(shards >= 1, "ShardedRefs needs at least one shard");
-        let shards = (0..shards).map(|_| CachePadded::new(LockedRefs::with_fs(fs.clone()))).collect();
-        ShardedRefs { fs, shards, cursor: AtomicUsize::new(0) }
+        let shards = (0..shards).map(|_| CachePadded::new(LockedRefs::for_transaction(fs.clone(), transid))).collect();
+        ShardedRefs { fs, shards, cursor: AtomicUsize::new(0), batches: BatchIds::new(transid) }
     }
 
     /// The number of shards.
@@ -220,7 +228,7 @@ impl ShardedRefs {
 
     /// `RunMode::Ready` across shards (see the module docs): every shard's
     /// ready count at the start is its budget.
-    fn run_ready<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<RunStats> {
+    fn run_ready<B: ExtentTree + ?Sized>(&self, scope: &RunScope<'_, B>) -> Result<RunStats> {
         let n = self.shards.len();
         let mut budget: Vec<u64> = self.shards.iter().map(|s| s.counters().num_heads_ready).collect();
         let start = self.rotation_start();
@@ -231,7 +239,7 @@ impl ShardedRefs {
                 if budget[i] == 0 {
                     continue;
                 }
-                match self.shards[i].run_one(backend)? {
+                match self.shards[i].run_one_in(scope)? {
                     Some((_, _, s)) => {
                         stats.absorb(&s);
                         budget[i] -= 1;
@@ -241,6 +249,28 @@ impl ShardedRefs {
             }
         }
         Ok(stats)
+    }
+
+    /// Select and run one head of some shard, round-robin across shards,
+    /// inside `scope`'s hooks.
+    fn run_one_in<B: ExtentTree + ?Sized>(
+        &self,
+        scope: &RunScope<'_, B>,
+    ) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
+        let n = self.shards.len();
+        let start = self.rotation_start();
+        for k in 0..n {
+            let i = (start + k) % n;
+            if let Some(r) = self.shards[i].run_one_in(scope)? {
+                if k > 0 {
+                    // Past the shard that had work, as the port's cursor moves
+                    // past the head it selected (Relaxed: a hint, see above).
+                    self.cursor.store(i + 1, Ordering::Relaxed);
+                }
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
     }
 
     /// Every shard's index is empty (each checked under its own lock, in turn).
@@ -253,8 +283,12 @@ impl DelayedRefs for ShardedRefs {
     type Cell = LockedCell;
     const NAME: &'static str = "sharded";
 
-    fn with_fs(fs: Arc<FsShared<LockedCell>>) -> Self {
-        ShardedRefs::with_shards(fs, DEFAULT_SHARDS)
+    fn for_transaction(fs: Arc<FsShared<LockedCell>>, transid: u64) -> Self {
+        ShardedRefs::with_shards_for(fs, DEFAULT_SHARDS, transid)
+    }
+
+    fn transid(&self) -> u64 {
+        self.batches.transid()
     }
 
     fn fs(&self) -> &Arc<FsShared<LockedCell>> {
@@ -278,32 +312,19 @@ impl DelayedRefs for ShardedRefs {
     }
 
     fn run_one<B: ExtentTree + ?Sized>(&self, backend: &B) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
-        let n = self.shards.len();
-        let start = self.rotation_start();
-        for k in 0..n {
-            let i = (start + k) % n;
-            if let Some(r) = self.shards[i].run_one(backend)? {
-                if k > 0 {
-                    // Past the shard that had work, as the port's cursor moves
-                    // past the head it selected (Relaxed: a hint, see above).
-                    self.cursor.store(i + 1, Ordering::Relaxed);
-                }
-                return Ok(Some(r));
-            }
-        }
-        Ok(None)
+        run_batch(backend, self.batches.next(), |scope| self.run_one_in(scope))
     }
 
     fn run<B: ExtentTree + ?Sized>(&self, backend: &B, mode: RunMode) -> Result<RunStats> {
-        match mode {
-            RunMode::Ready => self.run_ready(backend),
+        run_batch(backend, self.batches.next(), |scope| match mode {
+            RunMode::Ready => self.run_ready(scope),
             RunMode::Bytes(_) | RunMode::All => {
-                api::drive_run(mode, 0, || Ok(self.run_one(backend)?.map(|(_, _, s)| s)), || self.is_empty())
+                api::drive_run(mode, 0, || Ok(self.run_one_in(scope)?.map(|(_, _, s)| s)), || self.is_empty())
             }
-        }
+        })
     }
 
-    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
+    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Result<Option<ExtentInfo>> {
         self.shard(bytenr).lookup_extent_info(backend, bytenr)
     }
 
@@ -318,6 +339,7 @@ impl DelayedRefs for ShardedRefs {
             total.heads += d.heads;
             total.nodes += d.nodes;
             total.pinned_bytes += d.pinned_bytes;
+            total.pin_failures += d.pin_failures;
         }
         total
     }
@@ -398,22 +420,16 @@ mod tests {
             self.inner.apply_ref(run)
         }
 
-        fn apply_extent_op(
-            &self,
-            bytenr: u64,
-            num_bytes: u64,
-            is_data: bool,
-            op: &ExtentOp,
-        ) -> std::result::Result<(), crate::ExtentError> {
-            self.inner.apply_extent_op(bytenr, num_bytes, is_data, op)
+        fn apply_extent_op(&self, run: &crate::OpRun<'_>) -> std::result::Result<(), crate::ExtentError> {
+            self.inner.apply_extent_op(run)
         }
 
-        fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool) {
-            self.inner.pin_reserved(bytenr, num_bytes, is_data)
+        fn pin_reserved(&self, pin: &crate::Pin) -> std::result::Result<(), crate::ExtentError> {
+            self.inner.pin_reserved(pin)
         }
 
-        fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
-            self.inner.lookup(bytenr)
+        fn lookup(&self, bytenr: u64) -> std::result::Result<Option<ExtentInfo>, crate::ExtentError> {
+            ExtentTree::lookup(&self.inner, bytenr)
         }
     }
 

@@ -148,7 +148,7 @@ fn reader(w: &World) {
         for _ in 0..2 {
             let bytenr = ALL[rng.next(5) as usize];
             let inv = w.stamp();
-            let value = w.refs.lookup_extent_info(&w.tree, bytenr).map_or(0, |i| i.refs as i64);
+            let value = w.refs.lookup_extent_info(&w.tree, bytenr).unwrap().map_or(0, |i| i.refs as i64);
             let resp = w.stamp();
             w.reads.lock().unwrap().push(ReadRecord { bytenr, inv, resp, value });
         }

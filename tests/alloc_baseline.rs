@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use delayed_refs::{
     Action, DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FlushMode, FsConfig, GenericRef, LockFreeRefs,
-    LockedRefs, RefRun, RunMode, ShardedRefs, TransHandle,
+    LockedRefs, OpRun, Pin, RefRun, RunMode, ShardedRefs, TransHandle,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -120,21 +120,23 @@ impl ExtentTree for Table {
         Ok(())
     }
 
-    fn apply_extent_op(&self, bytenr: u64, _: u64, _: bool, _: &ExtentOp) -> Result<(), ExtentError> {
+    fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError> {
+        let bytenr = run.bytenr;
         if self.exists[Self::slot(bytenr)].load(Ordering::SeqCst) == 0 {
             return Err(ExtentError::MissingExtent { bytenr });
         }
         Ok(())
     }
 
-    fn pin_reserved(&self, _: u64, num_bytes: u64, _: bool) {
-        self.pinned.fetch_add(num_bytes, Ordering::SeqCst);
+    fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError> {
+        self.pinned.fetch_add(pin.num_bytes, Ordering::SeqCst);
+        Ok(())
     }
 
-    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
+    fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
         let i = Self::slot(bytenr);
-        (self.exists[i].load(Ordering::SeqCst) == 1)
-            .then(|| ExtentInfo { refs: self.refs[i].load(Ordering::SeqCst), flags: 0 })
+        Ok((self.exists[i].load(Ordering::SeqCst) == 1)
+            .then(|| ExtentInfo { refs: self.refs[i].load(Ordering::SeqCst), flags: 0 }))
     }
 }
 

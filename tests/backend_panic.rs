@@ -11,8 +11,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use delayed_refs::{
-    Action, DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FsConfig, GenericRef, MemExtentTree, RefRun,
-    RunMode, TransHandle,
+    Action, DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FsConfig, GenericRef, MemExtentTree, OpRun,
+    Pin, RefRun, RunMode, TransHandle,
 };
 
 /// The in-memory tree, with a panic on the `panic_at`-th `apply_ref` (and
@@ -43,19 +43,19 @@ impl ExtentTree for PanicOnce {
         self.tree.apply_ref(run)
     }
 
-    fn apply_extent_op(&self, bytenr: u64, num_bytes: u64, is_data: bool, op: &ExtentOp) -> Result<(), ExtentError> {
+    fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError> {
         if self.panic_on_op.swap(0, Ordering::SeqCst) == 1 {
             panic!("backend panics in apply_extent_op");
         }
-        self.tree.apply_extent_op(bytenr, num_bytes, is_data, op)
+        self.tree.apply_extent_op(run)
     }
 
-    fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool) {
-        self.tree.pin_reserved(bytenr, num_bytes, is_data)
+    fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError> {
+        self.tree.pin_reserved(pin)
     }
 
-    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
-        self.tree.lookup(bytenr)
+    fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
+        ExtentTree::lookup(&self.tree, bytenr)
     }
 }
 
@@ -83,7 +83,7 @@ fn queue<D: DelayedRefs>(refs: &D) {
 
 fn all_applied(tree: &PanicOnce) {
     for i in 0..HEADS {
-        assert_eq!(tree.lookup(bytenr(i)).map(|x| x.refs), Some(REFS), "extent {i}: a ref was lost or doubled");
+        assert_eq!(tree.tree.lookup(bytenr(i)).map(|x| x.refs), Some(REFS), "extent {i}: a ref was lost or doubled");
     }
 }
 
@@ -118,7 +118,7 @@ fn panic_in_extent_op_then_rerun<D: DelayedRefs>() {
     assert!(refs.find_head(bytenr(0)).is_some_and(|h| !h.processing && h.extent_op.is_some()), "the op stays queued");
     refs.run(&tree, RunMode::All).expect("the rerun completes");
     assert!(refs.find_head(bytenr(0)).is_none());
-    assert_ne!(tree.lookup(bytenr(0)).unwrap().flags & (1 << 8), 0, "the op was applied");
+    assert_ne!(tree.tree.lookup(bytenr(0)).unwrap().flags & (1 << 8), 0, "the op was applied");
 }
 
 /// After a panic, `destroy` (transaction abort) finishes and applies nothing.

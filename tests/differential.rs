@@ -281,7 +281,7 @@ impl<D: DelayedRefs> Side<D> {
             items: self.tree.items(),
             pinned: self.tree.pinned_bytes(),
             applied: self.tree.applied_refs(),
-            lookups: exts.iter().map(|e| self.refs.lookup_extent_info(&self.tree, e.bytenr)).collect(),
+            lookups: exts.iter().map(|e| self.refs.lookup_extent_info(&self.tree, e.bytenr).unwrap()).collect(),
             finds: exts.iter().map(|e| self.refs.find_head(e.bytenr)).collect(),
         }
     }
@@ -906,6 +906,7 @@ fn config_strategy() -> impl Strategy<Value = FsConfig> {
             ..ReserveConfig::default()
         },
         qgroups,
+        pending_limit: 0,
     })
 }
 

@@ -456,7 +456,7 @@ fn check_step<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, m: &mut Model, ste
         for (k, have, want) in common::disk_plus_queued(&e.counts, &disk, head.copied()) {
             assert_eq!(have, want, "step {step}: invariant 12 {k:?} at {:#x}", e.bytenr);
         }
-        let seen = refs.lookup_extent_info(tree, e.bytenr).map(|i| i.refs).unwrap_or(0);
+        let seen = refs.lookup_extent_info(tree, e.bytenr).unwrap().map(|i| i.refs).unwrap_or(0);
         assert_eq!(seen, e.total(), "step {step}: invariant 18 lookup at {:#x}", e.bytenr);
     }
     // Invariant 25 and §9.

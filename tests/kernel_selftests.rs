@@ -579,7 +579,10 @@ fn extent_op_merge<D: DelayedRefs>() {
     .unwrap();
     let merged = ExtentOp { key: k2, level: 1, update_key: true, update_flags: true, flags_to_set: 0x104 };
     assert_eq!(only_head(&refs).extent_op, Some(merged));
-    assert_eq!(refs.lookup_extent_info(&tree, X), Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK | 0x104 }));
+    assert_eq!(
+        refs.lookup_extent_info(&tree, X).unwrap(),
+        Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK | 0x104 })
+    );
     let st = refs.run(&tree, RunMode::All).unwrap();
     assert_eq!(tree.take(), vec![Event::Op { bytenr: X, op: merged, ok: true }]);
     assert_eq!((st.extent_ops, st.refs, st.heads_deleted), (1, 0, 1));
@@ -617,8 +620,15 @@ fn must_insert_reserved_first_run_inserts<D: DelayedRefs>() {
     assert!(snap[0].must_insert_reserved && snap[1].must_insert_reserved);
     assert_eq!((snap[0].reserved_bytes, snap[0].owning_root), (DATA_NB, 5));
     assert_eq!(snap[1].reserved_bytes, 0);
-    assert_eq!(refs.lookup_extent_info(&tree, X), Some(ExtentInfo { refs: 2, flags: 0 }), "pending insert (§7.1)");
-    assert_eq!(refs.lookup_extent_info(&tree, Y), Some(ExtentInfo { refs: 1, flags: BLOCK_FLAG_FULL_BACKREF }));
+    assert_eq!(
+        refs.lookup_extent_info(&tree, X).unwrap(),
+        Some(ExtentInfo { refs: 2, flags: 0 }),
+        "pending insert (§7.1)"
+    );
+    assert_eq!(
+        refs.lookup_extent_info(&tree, Y).unwrap(),
+        Some(ExtentInfo { refs: 1, flags: BLOCK_FLAG_FULL_BACKREF })
+    );
     refs.run(&tree, RunMode::All).unwrap();
     let xr = tree.runs_of(X);
     assert_eq!(xr.len(), 2);
@@ -755,7 +765,7 @@ fn seq_hold_back<D: DelayedRefs>() {
 
     let st = refs.run(&tree, RunMode::Ready).unwrap();
     assert_eq!((st.heads, st.held_back, st.heads_deleted, st.refs), (2, 2, 0, 0), "§6.5 Ready: 2 heads ready");
-    assert_eq!(refs.lookup_extent_info(&tree, a), Some(ExtentInfo { refs: 1, flags: 0 }));
+    assert_eq!(refs.lookup_extent_info(&tree, a).unwrap(), Some(ExtentInfo { refs: 1, flags: 0 }));
 
     drop(blocker);
     let st = refs.run(&tree, RunMode::All).unwrap();
@@ -946,34 +956,43 @@ fn lookup_extent_info_disk_plus_pending<D: DelayedRefs>() {
     let ed = |ino| RefKey::ExtentData { root: 5, objectid: ino, offset: 0 };
     load_item(&tree, X, DATA_NB, true, &[(ed(1), 1), (ed(2), 1), (ed(3), 1)]);
     load_item(&tree, W, TREE_NB, false, &[(RefKey::TreeBlock { root: 5 }, 1)]);
-    assert_eq!(refs.lookup_extent_info(&tree, Y), None);
-    assert_eq!(refs.lookup_extent_info(&tree, X), Some(ExtentInfo { refs: 3, flags: EXTENT_FLAG_DATA }));
+    assert_eq!(refs.lookup_extent_info(&tree, Y).unwrap(), None);
+    assert_eq!(refs.lookup_extent_info(&tree, X).unwrap(), Some(ExtentInfo { refs: 3, flags: EXTENT_FLAG_DATA }));
     add(&refs, &mut h, &dref(Action::Add, X, 5, 4, 0, 0));
     add(&refs, &mut h, &dref(Action::Add, X, 5, 5, 0, 0));
     add(&refs, &mut h, &dref(Action::Drop, X, 5, 1, 0, 0));
-    assert_eq!(refs.lookup_extent_info(&tree, X), Some(ExtentInfo { refs: 4, flags: EXTENT_FLAG_DATA }));
+    assert_eq!(refs.lookup_extent_info(&tree, X).unwrap(), Some(ExtentInfo { refs: 4, flags: EXTENT_FLAG_DATA }));
     refs.add_data_ref(&mut h, &dref(Action::AddExtent, Y, 5, 9, 0, 0), DATA_NB).unwrap();
     add(&refs, &mut h, &dref(Action::Add, Y, 5, 10, 0, 0));
-    assert_eq!(refs.lookup_extent_info(&tree, Y), Some(ExtentInfo { refs: 2, flags: 0 }));
+    assert_eq!(refs.lookup_extent_info(&tree, Y).unwrap(), Some(ExtentInfo { refs: 2, flags: 0 }));
     refs.add_tree_ref(&mut h, &tref(Action::AddExtent, Z, 5, 0), Some(ExtentOp::set_flags(0x100, 0))).unwrap();
-    assert_eq!(refs.lookup_extent_info(&tree, Z), Some(ExtentInfo { refs: 1, flags: 0x100 }));
+    assert_eq!(refs.lookup_extent_info(&tree, Z).unwrap(), Some(ExtentInfo { refs: 1, flags: 0x100 }));
     let key_only =
         ExtentOp { update_key: true, key: DiskKey { objectid: 1, item_type: 1, offset: 1 }, ..ExtentOp::default() };
     refs.add_extent_op(&mut h, W, TREE_NB, key_only).unwrap();
-    assert_eq!(refs.lookup_extent_info(&tree, W), Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK }));
+    assert_eq!(refs.lookup_extent_info(&tree, W).unwrap(), Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK }));
     refs.add_extent_op(&mut h, W, TREE_NB, ExtentOp::set_flags(0x100, 0)).unwrap();
-    assert_eq!(refs.lookup_extent_info(&tree, W), Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK | 0x100 }));
+    assert_eq!(
+        refs.lookup_extent_info(&tree, W).unwrap(),
+        Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK | 0x100 })
+    );
     let want_refs = [(X, 4), (Y, 2), (Z, 1), (W, 1)];
     while refs.run_one(&tree).unwrap().is_some() {
         for (b, n) in want_refs {
-            assert_eq!(refs.lookup_extent_info(&tree, b).unwrap().refs, n, "invariant 18 at {b:#x}");
+            assert_eq!(refs.lookup_extent_info(&tree, b).unwrap().unwrap().refs, n, "invariant 18 at {b:#x}");
         }
     }
     check_empty(&refs);
-    assert_eq!(refs.lookup_extent_info(&tree, X), Some(ExtentInfo { refs: 4, flags: EXTENT_FLAG_DATA }));
-    assert_eq!(refs.lookup_extent_info(&tree, Y), Some(ExtentInfo { refs: 2, flags: EXTENT_FLAG_DATA }));
-    assert_eq!(refs.lookup_extent_info(&tree, Z), Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK | 0x100 }));
-    assert_eq!(refs.lookup_extent_info(&tree, W), Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK | 0x100 }));
+    assert_eq!(refs.lookup_extent_info(&tree, X).unwrap(), Some(ExtentInfo { refs: 4, flags: EXTENT_FLAG_DATA }));
+    assert_eq!(refs.lookup_extent_info(&tree, Y).unwrap(), Some(ExtentInfo { refs: 2, flags: EXTENT_FLAG_DATA }));
+    assert_eq!(
+        refs.lookup_extent_info(&tree, Z).unwrap(),
+        Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK | 0x100 })
+    );
+    assert_eq!(
+        refs.lookup_extent_info(&tree, W).unwrap(),
+        Some(ExtentInfo { refs: 1, flags: EXTENT_FLAG_TREE_BLOCK | 0x100 })
+    );
 }
 
 /// Qgroup records (§2.8, §4.4 step 4, §9, invariant 25): at most one per

@@ -260,11 +260,11 @@ impl<'a, D: DelayedRefs> Adder<'a, D> {
     fn read_check(&mut self) {
         for b in self.data_slots.iter().chain(self.tree_slots.iter()).flatten() {
             let want = self.own[b].total();
-            let seen = self.refs.lookup_extent_info(self.tree, *b).map(|i| i.refs);
+            let seen = self.refs.lookup_extent_info(self.tree, *b).unwrap().map(|i| i.refs);
             assert_eq!(seen, Some(want), "{}: thread {} lookup of its own extent {b:#x}", D::NAME, self.t);
         }
         for (b, want) in &self.hot {
-            let seen = self.refs.lookup_extent_info(self.tree, *b).expect("hot extents exist").refs;
+            let seen = self.refs.lookup_extent_info(self.tree, *b).unwrap().expect("hot extents exist").refs;
             assert!(
                 seen > want.total(),
                 "{}: hot {b:#x}: {seen} refs, this thread alone holds {} + base",

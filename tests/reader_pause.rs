@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use common::{add, dref};
 use delayed_refs::{
-    Action, CleanupOutcome, DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, MemExtentTree, RefRun, RunMode,
-    TransHandle,
+    Action, CleanupOutcome, DelayedRefs, ExtentError, ExtentInfo, ExtentTree, MemExtentTree, OpRun, Pin, RefRun,
+    RunMode, TransHandle,
 };
 
 const E: u64 = 1 << 30;
@@ -95,20 +95,20 @@ impl ExtentTree for PausingTree {
         self.inner.apply_ref(run)
     }
 
-    fn apply_extent_op(&self, bytenr: u64, num_bytes: u64, is_data: bool, op: &ExtentOp) -> Result<(), ExtentError> {
-        self.inner.apply_extent_op(bytenr, num_bytes, is_data, op)
+    fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError> {
+        self.inner.apply_extent_op(run)
     }
 
-    fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool) {
-        self.inner.pin_reserved(bytenr, num_bytes, is_data)
+    fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError> {
+        self.inner.pin_reserved(pin)
     }
 
-    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
+    fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
         if !self.lookup_armed.swap(false, Ordering::SeqCst) {
-            return self.inner.lookup(bytenr);
+            return ExtentTree::lookup(&self.inner, bytenr);
         }
         self.before_read.pause();
-        let v = self.inner.lookup(bytenr);
+        let v = ExtentTree::lookup(&self.inner, bytenr);
         self.after_read.pause();
         v
     }
@@ -133,7 +133,7 @@ fn scenario<D: DelayedRefs>(live_head: bool, runner_done: bool) {
     }
     tree.lookup_armed.store(true, Ordering::SeqCst);
     std::thread::scope(|s| {
-        let reader = s.spawn(|| refs.lookup_extent_info(&tree, E).map_or(0, |i| i.refs));
+        let reader = s.spawn(|| refs.lookup_extent_info(&tree, E).unwrap().map_or(0, |i| i.refs));
         tree.expect_at(&tree.before_read, "the reader's lookup");
         // An implementation that keeps the reader's head from being run or
         // retired (the locked port holds its run token) answers Busy here,
@@ -173,7 +173,7 @@ fn scenario<D: DelayedRefs>(live_head: bool, runner_done: bool) {
     refs.run(&tree, RunMode::All).unwrap();
     let item = tree.inner.lookup(E).unwrap();
     assert_eq!(item.refs, 2);
-    assert_eq!(refs.lookup_extent_info(&tree, E).unwrap().refs, 2);
+    assert_eq!(refs.lookup_extent_info(&tree, E).unwrap().unwrap().refs, 2);
 }
 
 /// The reproduction as reported: a live head, retired and replaced while

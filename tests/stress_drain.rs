@@ -270,11 +270,11 @@ impl<'a, D: DelayedRefs> Adder<'a, D> {
     fn read_check(&mut self) {
         for b in self.slots.iter().flatten() {
             let want = self.own[b].total();
-            let seen = self.refs.lookup_extent_info(self.tree, *b).map(|i| i.refs);
+            let seen = self.refs.lookup_extent_info(self.tree, *b).unwrap().map(|i| i.refs);
             assert_eq!(seen, Some(want), "{}: adder {}: lookup of its own extent {b:#x}", D::NAME, self.t);
         }
         for (b, mine) in &self.hot {
-            let seen = self.refs.lookup_extent_info(self.tree, *b).expect("shared extents exist").refs;
+            let seen = self.refs.lookup_extent_info(self.tree, *b).unwrap().expect("shared extents exist").refs;
             let min = 1 + mine.values().sum::<u64>();
             let max = 1 + ADDERS * HOT_KEYS * MAX_HOT;
             assert!(seen >= min && seen <= max, "{}: shared {b:#x}: {seen} refs, not within [{min}, {max}]", D::NAME);
@@ -306,7 +306,7 @@ fn reader_check<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, pubs: &[Vec<Pub>
     }
     let v1 = p.ver.load(Ordering::SeqCst);
     let (f1, c1) = (p.floor.load(Ordering::SeqCst), p.ceil.load(Ordering::SeqCst));
-    let seen = refs.lookup_extent_info(tree, b1).map_or(0, |i| i.refs);
+    let seen = refs.lookup_extent_info(tree, b1).unwrap().map_or(0, |i| i.refs);
     let (f2, c2) = (p.floor.load(Ordering::SeqCst), p.ceil.load(Ordering::SeqCst));
     let v2 = p.ver.load(Ordering::SeqCst);
     if p.bytenr.load(Ordering::SeqCst) != b1 {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::{ExtentInfo, ExtentTree, RefRun};
+use super::{ExtentInfo, ExtentTree, OpRun, Pin, RefRun};
 use crate::domain::extent_op::{DiskKey, ExtentOp};
 use crate::domain::key::RefKey;
 use crate::domain::kind::{Action, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK};
@@ -44,7 +44,8 @@ pub struct ExtentItem {
 /// let t = MemExtentTree::new();
 /// let key = RefKey::ExtentData { root: 5, objectid: 257, offset: 0 };
 /// let mut run = RefRun { bytenr: 1 << 20, num_bytes: 4096, is_data: true, key, level: 0,
-///     action: Action::Add, ref_mod: 2, insert_reserved: true, extent_op: None, owning_root: 5 };
+///     action: Action::Add, ref_mod: 2, insert_reserved: true, extent_op: None, owning_root: 5,
+///     batch: Default::default() };
 /// t.apply_ref(&run).unwrap();
 /// assert_eq!(t.lookup(1 << 20).unwrap().refs, 2);
 /// run.action = Action::Drop;
@@ -83,6 +84,13 @@ impl MemExtentTree {
     /// Insert or replace an item directly (loading a before-image).
     pub fn insert_item(&self, bytenr: u64, item: ExtentItem) {
         self.shard(bytenr).lock().insert(bytenr, item);
+    }
+
+    /// The extent's refs and flags, `None` if it has no item: the
+    /// [`ExtentTree::lookup`] of this tree, which cannot fail, without the
+    /// `Result`.
+    pub fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
+        self.shard(bytenr).lock().get(&bytenr).map(|i| ExtentInfo { refs: i.refs, flags: i.flags })
     }
 
     /// A copy of one item.
@@ -196,19 +204,21 @@ impl ExtentTree for MemExtentTree {
         Ok(())
     }
 
-    fn apply_extent_op(&self, bytenr: u64, _num_bytes: u64, _is_data: bool, op: &ExtentOp) -> Result<(), ExtentError> {
+    fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError> {
+        let bytenr = run.bytenr;
         let mut shard = self.shard(bytenr).lock();
         let item = shard.get_mut(&bytenr).ok_or(ExtentError::MissingExtent { bytenr })?;
-        apply_op(item, op);
+        apply_op(item, run.op);
         Ok(())
     }
 
-    fn pin_reserved(&self, _bytenr: u64, num_bytes: u64, _is_data: bool) {
-        self.pinned_bytes.fetch_add(num_bytes, Ordering::Relaxed);
+    fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError> {
+        self.pinned_bytes.fetch_add(pin.num_bytes, Ordering::Relaxed);
+        Ok(())
     }
 
-    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
-        self.shard(bytenr).lock().get(&bytenr).map(|i| ExtentInfo { refs: i.refs, flags: i.flags })
+    fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
+        Ok(MemExtentTree::lookup(self, bytenr))
     }
 }
 
@@ -228,6 +238,7 @@ mod tests {
             insert_reserved: insert,
             extent_op: None,
             owning_root: 5,
+            batch: Default::default(),
         }
     }
 
@@ -249,6 +260,7 @@ mod tests {
         t.apply_ref(&run(Action::Drop, other, 1, false)).unwrap();
         assert!(t.is_empty(), "refs reached 0: item deleted");
         let op = ExtentOp::set_flags(0x100, 0);
-        assert!(t.apply_extent_op(4096, 4096, false, &op).is_err());
+        let op_run = OpRun { bytenr: 4096, num_bytes: 4096, is_data: false, op: &op, batch: Default::default() };
+        assert!(t.apply_extent_op(&op_run).is_err());
     }
 }

@@ -36,7 +36,7 @@ use crate::domain::generic_ref::GenericRef;
 use crate::domain::kind::Action;
 use crate::domain::qgroup::QgroupRecord;
 use crate::error::{Error, Result};
-use crate::extent_tree::{ExtentInfo, ExtentTree};
+use crate::extent_tree::{ExtentInfo, ExtentTree, Pin};
 use crate::rsv::cell::LockedCell;
 use crate::rsv::handle::TransHandle;
 
@@ -210,6 +210,8 @@ pub struct LockedRefs {
     fs: Arc<FsShared<LockedCell>>,
     root: Mutex<Root>,
     num_entries: AtomicI64,
+    /// The transaction id and run ids the backend's batch hooks see.
+    batches: crate::batch::BatchIds,
 }
 
 impl LockedRefs {
@@ -331,6 +333,20 @@ impl LockedRefs {
         Ok(out)
     }
 
+    /// Select and run one head inside another root's run batch (the
+    /// sharded peer's runs span its shards).
+    pub(crate) fn run_one_in<B: ExtentTree + ?Sized>(
+        &self,
+        scope: &crate::batch::RunScope<'_, B>,
+    ) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
+        run::run_one_in(self, scope)
+    }
+
+    /// The run-id source (the run side's batches).
+    pub(crate) fn batches(&self) -> &crate::batch::BatchIds {
+        &self.batches
+    }
+
     /// Unselect a head (semantics.md §6.9); the caller then drops its token.
     fn unselect(&self, head: &Head) {
         self.root.lock().unselect_head(head);
@@ -341,8 +357,17 @@ impl DelayedRefs for LockedRefs {
     type Cell = LockedCell;
     const NAME: &'static str = "locked";
 
-    fn with_fs(fs: Arc<FsShared<LockedCell>>) -> Self {
-        LockedRefs { fs, root: Mutex::new(Root::default()), num_entries: AtomicI64::new(0) }
+    fn for_transaction(fs: Arc<FsShared<LockedCell>>, transid: u64) -> Self {
+        LockedRefs {
+            fs,
+            root: Mutex::new(Root::default()),
+            num_entries: AtomicI64::new(0),
+            batches: crate::batch::BatchIds::new(transid),
+        }
+    }
+
+    fn transid(&self) -> u64 {
+        self.batches.transid()
     }
 
     fn fs(&self) -> &Arc<FsShared<LockedCell>> {
@@ -381,7 +406,8 @@ impl DelayedRefs for LockedRefs {
         run::run(self, backend, mode)
     }
 
-    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
+    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Result<Option<ExtentInfo>> {
+        let disk_of = |b: u64| backend.lookup(b).map_err(|source| Error::Backend { bytenr: b, source });
         loop {
             let root = self.root.lock();
             let Some(h) = root.head(bytenr).cloned() else {
@@ -391,10 +417,10 @@ impl DelayedRefs for LockedRefs {
                 // locked across its lookup; this port's backend is opaque).
                 let created = root.heads_created(bytenr);
                 drop(root);
-                let disk = backend.lookup(bytenr);
+                let disk = disk_of(bytenr)?;
                 let root = self.root.lock();
                 if root.heads_created(bytenr) == created {
-                    return disk;
+                    return Ok(disk);
                 }
                 continue;
             };
@@ -405,7 +431,7 @@ impl DelayedRefs for LockedRefs {
                 continue;
             };
             drop(root);
-            let disk = backend.lookup(bytenr);
+            let disk = disk_of(bytenr)?;
             let hi = h.inner.lock();
             let mut info = disk.unwrap_or(ExtentInfo { refs: 0, flags: 0 });
             if let Some(op) = hi.extent_op().filter(|o| o.update_flags) {
@@ -414,7 +440,7 @@ impl DelayedRefs for LockedRefs {
             info.refs = (info.refs as i64).wrapping_add(hi.ref_mod()) as u64;
             drop(hi);
             drop(token);
-            return Some(info);
+            return Ok(Some(info));
         }
     }
 
@@ -467,8 +493,13 @@ impl DelayedRefs for LockedRefs {
             drop(hi);
             drop(root);
             if mir {
-                backend.pin_reserved(h.bytenr, nb, h.is_data);
-                stats.pinned_bytes += nb;
+                let pin =
+                    Pin { bytenr: h.bytenr, num_bytes: nb, is_data: h.is_data, batch: self.batches.outside_runs() };
+                match crate::extent_tree::call_backend(|| backend.pin_reserved(&pin)) {
+                    Ok(()) => stats.pinned_bytes += nb,
+                    // Abort cleanup goes on: the caller learns from the count.
+                    Err(_) => stats.pin_failures += 1,
+                }
             }
             drop(token);
             stats.heads += 1;

@@ -9,9 +9,10 @@ use parking_lot::{ArcMutexGuard, RawMutex};
 use super::LockedRefs;
 use super::head::{Head, InsertEffect};
 use crate::api::{HeadOutcome, RunMode, RunStats};
+use crate::batch::{RunScope, run_batch};
 use crate::domain::extent_op::ExtentOp;
 use crate::error::{Error, Result};
-use crate::extent_tree::{ExtentTree, RefRun, call_backend};
+use crate::extent_tree::{ExtentTree, OpRun, Pin, RefRun, call_backend};
 
 type Token = ArcMutexGuard<RawMutex, ()>;
 
@@ -34,21 +35,38 @@ fn obtain_head(refs: &LockedRefs) -> std::result::Result<Option<(Arc<Head>, Toke
     Ok(Some((h, t)))
 }
 
-/// Select and run one head.
-pub(super) fn run_one<B: ExtentTree + ?Sized>(
+/// Select and run one head inside `scope`'s hooks (the sharded peer runs
+/// its shards' heads in its own scope through this).
+pub(crate) fn run_one_in<B: ExtentTree + ?Sized>(
     refs: &LockedRefs,
-    backend: &B,
+    scope: &RunScope<'_, B>,
 ) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
     loop {
         match obtain_head(refs) {
             Ok(None) => return Ok(None),
             Err(()) => continue,
             Ok(Some((h, token))) => {
-                let (outcome, stats) = run_head(refs, backend, &h, token)?;
+                // The token moves into the body; a failed begin hook drops
+                // it after unselecting the head (through the shared slot).
+                let slot = std::cell::Cell::new(Some(token));
+                let release = || {
+                    refs.unselect(&h);
+                    drop(slot.take());
+                };
+                let body = || run_head(refs, scope, &h, slot.take().expect("token taken once"));
+                let (outcome, stats) = scope.head(h.bytenr, release, body)?;
                 return Ok(Some((h.bytenr, outcome, stats)));
             }
         }
     }
+}
+
+/// Select and run one head, as one run batch.
+pub(super) fn run_one<B: ExtentTree + ?Sized>(
+    refs: &LockedRefs,
+    backend: &B,
+) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
+    run_batch(backend, refs.batches().next(), |scope| run_one_in(refs, scope))
 }
 
 /// Put a taken ref, its must_insert_reserved and its extent op back after a
@@ -72,7 +90,7 @@ fn restore(refs: &LockedRefs, h: &Head, key: crate::NodeKey, node: super::head::
 /// Run one selected head to the end (semantics.md §6.8, §6.11).
 fn run_head<B: ExtentTree + ?Sized>(
     refs: &LockedRefs,
-    backend: &B,
+    scope: &RunScope<'_, B>,
     h: &Arc<Head>,
     token: Token,
 ) -> Result<(HeadOutcome, RunStats)> {
@@ -120,11 +138,12 @@ fn run_head<B: ExtentTree + ?Sized>(
                 insert_reserved: mir,
                 extent_op: op.as_ref(),
                 owning_root,
+                batch: scope.batch(),
             };
             // A failing or panicking backend: put the ref back and release
             // the head; a panic then goes on to the caller, and a later run
             // or `destroy` finds the head unclaimed.
-            if let Err(failure) = call_backend(|| backend.apply_ref(&run)) {
+            if let Err(failure) = call_backend(|| scope.backend().apply_ref(&run)) {
                 restore(refs, h, key, node, mir, op);
                 refs.unselect(h);
                 drop(token);
@@ -141,7 +160,8 @@ fn run_head<B: ExtentTree + ?Sized>(
         if let Some(op) = hi.cleanup_extent_op() {
             let nb = hi.num_bytes();
             drop(hi);
-            if let Err(failure) = call_backend(|| backend.apply_extent_op(h.bytenr, nb, h.is_data, &op)) {
+            let op_run = OpRun { bytenr: h.bytenr, num_bytes: nb, is_data: h.is_data, op: &op, batch: scope.batch() };
+            if let Err(failure) = call_backend(|| scope.backend().apply_extent_op(&op_run)) {
                 h.inner.lock().restore_extent_op(op);
                 refs.unselect(h);
                 drop(token);
@@ -168,9 +188,13 @@ fn run_head<B: ExtentTree + ?Sized>(
         }
         drop(hi);
         drop(root);
-        // Step 4: a cancelled allocation is pinned.
+        // Step 4: a cancelled allocation is pinned. The head is gone: a
+        // failed pin cannot be put back (Error::PinLost).
         if mir {
-            backend.pin_reserved(h.bytenr, nb, h.is_data);
+            let pin = Pin { bytenr: h.bytenr, num_bytes: nb, is_data: h.is_data, batch: scope.batch() };
+            if let Err(failure) = call_backend(|| scope.backend().pin_reserved(&pin)) {
+                return Err(failure.into_pin_error(&pin));
+            }
         }
         crate::trace_head!(run, h.bytenr, nb, crate::Action::Add, h.is_data);
         drop(token);
@@ -179,13 +203,15 @@ fn run_head<B: ExtentTree + ?Sized>(
     }
 }
 
-/// `btrfs_run_delayed_refs` (semantics.md §6.5).
+/// `btrfs_run_delayed_refs` (semantics.md §6.5), as one run batch.
 pub(super) fn run<B: ExtentTree + ?Sized>(refs: &LockedRefs, backend: &B, mode: RunMode) -> Result<RunStats> {
     let ready = if mode == RunMode::Ready { refs.root.lock().num_heads_ready() } else { 0 };
-    crate::api::drive_run(
-        mode,
-        ready,
-        || Ok(run_one(refs, backend)?.map(|(_, _, s)| s)),
-        || refs.root.lock().is_empty(),
-    )
+    run_batch(backend, refs.batches().next(), |scope| {
+        crate::api::drive_run(
+            mode,
+            ready,
+            || Ok(run_one_in(refs, scope)?.map(|(_, _, s)| s)),
+            || refs.root.lock().is_empty(),
+        )
+    })
 }

@@ -23,7 +23,7 @@ use crate::domain::key::NodeKey;
 use crate::domain::kind::Action;
 use crate::domain::qgroup::QgroupRecord;
 use crate::error::{Error, Result};
-use crate::extent_tree::{ExtentInfo, ExtentTree};
+use crate::extent_tree::{ExtentInfo, ExtentTree, Pin};
 use crate::rsv::cell::AtomicCell;
 use crate::rsv::handle::TransHandle;
 use crate::sync::{AtomicU64, Mutex};
@@ -44,6 +44,8 @@ pub(crate) struct Engine<S: Stores> {
     /// Bumped before every close (readers, module `retire_seq`).
     retire_seq: RetireSeq,
     qgroup: Mutex<BTreeMap<u64, QgroupRecord>>,
+    /// The transaction id and run ids the backend's batch hooks see.
+    pub(super) batches: crate::batch::BatchIds,
     stores: S,
 }
 
@@ -65,10 +67,17 @@ impl<S: Stores> Drop for Engine<S> {
 }
 
 impl<S: Stores> Engine<S> {
-    /// A fresh engine on fresh stores.
+    /// A fresh engine on fresh stores (the model checkers' constructor).
+    #[cfg_attr(not(any(dref_loom, dref_shuttle)), allow(dead_code))]
     pub(crate) fn with_fs(fs: Arc<FsShared<AtomicCell>>) -> Self {
+        Self::for_transaction(fs, 0)
+    }
+
+    /// A fresh engine on fresh stores, for transaction `transid`.
+    pub(crate) fn for_transaction(fs: Arc<FsShared<AtomicCell>>, transid: u64) -> Self {
         let (stores, heads, nodes) = S::create();
         Engine {
+            batches: crate::batch::BatchIds::new(transid),
             fs,
             heads,
             nodes,
@@ -305,7 +314,11 @@ impl<S: Stores> Engine<S> {
         super::run::run(self, backend, mode)
     }
 
-    pub(crate) fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
+    pub(crate) fn lookup_extent_info<B: ExtentTree + ?Sized>(
+        &self,
+        backend: &B,
+        bytenr: u64,
+    ) -> Result<Option<ExtentInfo>> {
         // Disk + pending as of one point inside the call (§7.1, invariant
         // 18). Every ref applied to the disk comes from the live head of its
         // bytenr, taken and applied inside that head's seqlock; a new head
@@ -316,8 +329,8 @@ impl<S: Stores> Engine<S> {
         // retired in between (module `retire_seq`). docs/protocols.md,
         // "Readers", has the argument.
         loop {
-            match self.try_lookup(backend, bytenr) {
-                Some(info) => return info,
+            match self.try_lookup(backend, bytenr)? {
+                Some(info) => return Ok(info),
                 None => crate::sync::yield_now(),
             }
         }
@@ -325,36 +338,38 @@ impl<S: Stores> Engine<S> {
 
     /// One attempt of [`Engine::lookup_extent_info`]; `None`: retry (its
     /// guard is dropped first, so a waiting reader does not hold the epoch).
-    fn try_lookup<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<Option<ExtentInfo>> {
+    /// A backend error ends the call.
+    fn try_lookup<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Result<Option<Option<ExtentInfo>>> {
+        let disk_of = |b: u64| backend.lookup(b).map_err(|source| Error::Backend { bytenr: b, source });
         let retires = self.retire_seq.stripe(bytenr);
         let r1 = retires.read();
         let guard = self.pin();
         let live = |e: &HeadEntry<'_, S>| !e.value().is_closed();
         let Some(e) = self.heads.get(&bytenr, &guard).filter(live) else {
-            let disk = backend.lookup(bytenr);
+            let disk = disk_of(bytenr)?;
             let calm = self.heads.get(&bytenr, &guard).filter(live).is_none() && retires.read() == r1;
-            return calm.then_some(disk);
+            return Ok(calm.then_some(disk));
         };
         let head = e.value();
         let s1 = head.read_seq();
         if s1 & 1 == 1 {
-            return None;
+            return Ok(None);
         }
-        let disk = backend.lookup(bytenr);
+        let disk = disk_of(bytenr)?;
         let rm = head.ref_mod();
         let op = head.op();
         let s2 = head.read_seq();
         // Still open after s2: no newer head of this bytenr can have
         // applied anything the lookup saw.
         if s1 != s2 || head.is_closed() {
-            return None;
+            return Ok(None);
         }
         let mut info = disk.unwrap_or(ExtentInfo { refs: 0, flags: 0 });
         if let Some(op) = op.filter(|o| o.update_flags) {
             info.flags |= op.flags_to_set;
         }
         info.refs = (info.refs as i64).wrapping_add(rm) as u64;
-        Some(Some(info))
+        Ok(Some(Some(info)))
     }
 
     pub(crate) fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome {
@@ -430,8 +445,17 @@ impl<S: Stores> Engine<S> {
                 stats.heads += 1;
                 if mir {
                     let nb = head.num_bytes();
-                    backend.pin_reserved(*e.key(), nb, head.is_data());
-                    stats.pinned_bytes += nb;
+                    let pin = Pin {
+                        bytenr: *e.key(),
+                        num_bytes: nb,
+                        is_data: head.is_data(),
+                        batch: self.batches.outside_runs(),
+                    };
+                    match crate::extent_tree::call_backend(|| backend.pin_reserved(&pin)) {
+                        Ok(()) => stats.pinned_bytes += nb,
+                        // Abort cleanup goes on: the caller learns from the count.
+                        Err(_) => stats.pin_failures += 1,
+                    }
                 }
             }
             None => self.unselect(head),
@@ -510,8 +534,12 @@ impl DelayedRefs for LockFreeRefs {
     type Cell = AtomicCell;
     const NAME: &'static str = "lockfree";
 
-    fn with_fs(fs: Arc<FsShared<AtomicCell>>) -> Self {
-        LockFreeRefs(Engine::with_fs(fs))
+    fn for_transaction(fs: Arc<FsShared<AtomicCell>>, transid: u64) -> Self {
+        LockFreeRefs(Engine::for_transaction(fs, transid))
+    }
+
+    fn transid(&self) -> u64 {
+        self.0.batches.transid()
     }
 
     fn fs(&self) -> &Arc<FsShared<AtomicCell>> {
@@ -542,7 +570,7 @@ impl DelayedRefs for LockFreeRefs {
         self.0.run(backend, mode)
     }
 
-    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
+    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Result<Option<ExtentInfo>> {
         self.0.lookup_extent_info(backend, bytenr)
     }
 

@@ -27,11 +27,12 @@ use super::root::Engine;
 use super::state::adders;
 use super::store::{HeadEntry, MapEntry, OrderedMap, Stores};
 use crate::api::{HeadOutcome, RunMode, RunStats};
+use crate::batch::{RunScope, run_batch};
 use crate::domain::key::{NodeKey, RefKey, comp_refs};
 use crate::domain::kind::Action;
 use crate::domain::merge::merge_run;
 use crate::error::{Error, Result};
-use crate::extent_tree::{ExtentTree, RefRun, call_backend};
+use crate::extent_tree::{ExtentTree, OpRun, Pin, RefRun, call_backend};
 use crate::sync::Ordering;
 
 /// An entry of the engine's node map.
@@ -98,7 +99,7 @@ enum Take {
 #[allow(clippy::too_many_arguments)]
 fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
     refs: &Engine<S>,
-    backend: &B,
+    scope: &RunScope<'_, B>,
     guard: &S::Guard,
     head: &Claimed<'_>,
     node: &Node<'_, S>,
@@ -154,13 +155,14 @@ fn take_and_run<S: Stores, B: ExtentTree + ?Sized>(
             insert_reserved: mir,
             extent_op: op.as_ref(),
             owning_root: head.owning_root(),
+            batch: scope.batch(),
         };
         // A failing or panicking backend: put the ref back; a panic also
         // releases the head here (an error is unselected by `visit`, which
         // the unwinding skips) and goes on to the caller of `run`, so
         // nothing queued is lost and a later run or `destroy` finds the
         // head unclaimed.
-        if let Err(failure) = call_backend(|| backend.apply_ref(&run)) {
+        if let Err(failure) = call_backend(|| scope.backend().apply_ref(&run)) {
             restore_taken(refs, guard, head, node, v, mir, op);
             drop(window);
             if failure.is_panic() {
@@ -240,7 +242,7 @@ impl Visit {
 #[allow(clippy::too_many_arguments)]
 fn visit<S: Stores, B: ExtentTree + ?Sized>(
     refs: &Engine<S>,
-    backend: &B,
+    scope: &RunScope<'_, B>,
     guard: &S::Guard,
     head: &Claimed<'_>,
     n: &Node<'_, S>,
@@ -248,7 +250,7 @@ fn visit<S: Stores, B: ExtentTree + ?Sized>(
     late_seen: Option<u64>,
     stats: &mut RunStats,
 ) -> Result<Visit> {
-    match take_and_run(refs, backend, guard, head, n, want_add, late_seen, stats) {
+    match take_and_run(refs, scope, guard, head, n, want_add, late_seen, stats) {
         Ok(Take::LateAdds) => Ok(Visit::LateAdds),
         Ok(Take::Nothing) => {
             kill_if_zero(refs, n);
@@ -271,7 +273,7 @@ fn visit<S: Stores, B: ExtentTree + ?Sized>(
 /// back (and unselected).
 fn run_late_adds<'g, S: Stores, B: ExtentTree + ?Sized>(
     refs: &'g Engine<S>,
-    backend: &B,
+    scope: &RunScope<'_, B>,
     guard: &'g S::Guard,
     head: &Claimed<'g>,
     seen: &mut u64,
@@ -285,7 +287,7 @@ fn run_late_adds<'g, S: Stores, B: ExtentTree + ?Sized>(
     *seen = epoch;
     // Inline nodes have no markers: look at every live one on every move.
     for n in head.head.inline_nodes() {
-        if late_add(refs, backend, guard, head, n.key(), Some(&HeadNode::Inline(n)), stats)?.held() {
+        if late_add(refs, scope, guard, head, n.key(), Some(&HeadNode::Inline(n)), stats)?.held() {
             return Ok(true);
         }
     }
@@ -296,7 +298,7 @@ fn run_late_adds<'g, S: Stores, B: ExtentTree + ?Sized>(
         // alive through the kill below; its adder bumped `add_epoch` after
         // noting, so the next look comes back for it.
         count::take_all(&m.value().count);
-        if late_add(refs, backend, guard, head, m.key().key, None, stats)?.held() {
+        if late_add(refs, scope, guard, head, m.key().key, None, stats)?.held() {
             return Ok(true);
         }
         kill_if_zero(refs, &HeadNode::Map(m));
@@ -309,7 +311,7 @@ fn run_late_adds<'g, S: Stores, B: ExtentTree + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 fn late_add<'g, S: Stores, B: ExtentTree + ?Sized>(
     refs: &'g Engine<S>,
-    backend: &B,
+    scope: &RunScope<'_, B>,
     guard: &'g S::Guard,
     head: &Claimed<'g>,
     key: NodeKey,
@@ -318,7 +320,7 @@ fn late_add<'g, S: Stores, B: ExtentTree + ?Sized>(
 ) -> Result<Visit> {
     if head.is_data() {
         return match node.cloned().or_else(|| head.head.node(&refs.nodes, key, guard)) {
-            Some(n) => visit(refs, backend, guard, head, &n, true, None, stats),
+            Some(n) => visit(refs, scope, guard, head, &n, true, None, stats),
             None => Ok(Visit::Nothing),
         };
     }
@@ -327,7 +329,7 @@ fn late_add<'g, S: Stores, B: ExtentTree + ?Sized>(
     // identity's oldest node if it is an ADD (`fold_identity`). An ADD left
     // behind an older DROP that is held back stops the drops, as in the
     // add scan (`visit_scanned`).
-    match visit_identity(refs, backend, guard, head, key.key, true, None, stats)? {
+    match visit_identity(refs, scope, guard, head, key.key, true, None, stats)? {
         Visit::Nothing if head.head.node(&refs.nodes, key, guard).is_some_and(|n| held_add(refs, &n)) => {
             Ok(hold(refs, head, stats))
         }
@@ -406,7 +408,7 @@ fn fold_identity<'g, S: Stores>(
 #[allow(clippy::too_many_arguments)]
 fn visit_identity<'g, S: Stores, B: ExtentTree + ?Sized>(
     refs: &'g Engine<S>,
-    backend: &B,
+    scope: &RunScope<'_, B>,
     guard: &'g S::Guard,
     head: &Claimed<'g>,
     key: RefKey,
@@ -415,7 +417,7 @@ fn visit_identity<'g, S: Stores, B: ExtentTree + ?Sized>(
     stats: &mut RunStats,
 ) -> Result<Visit> {
     match fold_identity(refs, head, key, guard) {
-        Some(n) => visit(refs, backend, guard, head, &n, want_add, late_seen, stats),
+        Some(n) => visit(refs, scope, guard, head, &n, want_add, late_seen, stats),
         None => Ok(Visit::Nothing),
     }
 }
@@ -427,7 +429,7 @@ fn visit_identity<'g, S: Stores, B: ExtentTree + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 fn visit_scanned<'g, S: Stores, B: ExtentTree + ?Sized>(
     refs: &'g Engine<S>,
-    backend: &B,
+    scope: &RunScope<'_, B>,
     guard: &'g S::Guard,
     head: &Claimed<'g>,
     n: &Node<'g, S>,
@@ -437,12 +439,12 @@ fn visit_scanned<'g, S: Stores, B: ExtentTree + ?Sized>(
     stats: &mut RunStats,
 ) -> Result<Visit> {
     if head.is_data() {
-        return visit(refs, backend, guard, head, n, want_add, late_seen, stats);
+        return visit(refs, scope, guard, head, n, want_add, late_seen, stats);
     }
     let key = n.key().key;
     let seen = last.is_some_and(|l| l.cmp_identity(&key) == std::cmp::Ordering::Equal);
     if !seen && n.peek() != 0 {
-        let v = visit_identity(refs, backend, guard, head, key, want_add, late_seen, stats)?;
+        let v = visit_identity(refs, scope, guard, head, key, want_add, late_seen, stats)?;
         if v == Visit::LateAdds {
             return Ok(v);
         }
@@ -522,7 +524,7 @@ fn fold_groups<S: Stores>(refs: &Engine<S>, head: &Claimed<'_>, mut groups: Vec<
 /// Run a claimed head to the end (semantics.md §6.8, §6.11).
 fn run_head<S: Stores, B: ExtentTree + ?Sized>(
     refs: &Engine<S>,
-    backend: &B,
+    scope: &RunScope<'_, B>,
     entry: &HeadEntry<'_, S>,
     guard: &S::Guard,
 ) -> Result<(HeadOutcome, RunStats)> {
@@ -544,7 +546,7 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         // this pass) is in the range; later ones are marked.
         let mut last = None;
         for n in head.head.nodes(&refs.nodes, guard) {
-            if visit_scanned(refs, backend, guard, head, &n, true, None, &mut last, &mut stats)?.held() {
+            if visit_scanned(refs, scope, guard, head, &n, true, None, &mut last, &mut stats)?.held() {
                 return Ok((HeadOutcome::HeldBack, stats));
             }
         }
@@ -552,17 +554,17 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         let mut last = None;
         for n in head.head.nodes(&refs.nodes, guard) {
             loop {
-                if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)? {
+                if run_late_adds(refs, scope, guard, head, &mut seen, &mut stats)? {
                     return Ok((HeadOutcome::HeldBack, stats));
                 }
-                match visit_scanned(refs, backend, guard, head, &n, false, Some(seen), &mut last, &mut stats)? {
+                match visit_scanned(refs, scope, guard, head, &n, false, Some(seen), &mut last, &mut stats)? {
                     Visit::LateAdds => continue,
                     v if v.held() => return Ok((HeadOutcome::HeldBack, stats)),
                     _ => break,
                 }
             }
         }
-        if run_late_adds(refs, backend, guard, head, &mut seen, &mut stats)? {
+        if run_late_adds(refs, scope, guard, head, &mut seen, &mut stats)? {
             return Ok((HeadOutcome::HeldBack, stats));
         }
         // No second pass just because this one ran something: like the
@@ -586,7 +588,14 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
                 continue;
             }
             let Some(op) = op else { continue };
-            let apply = || backend.apply_extent_op(head.bytenr, head.num_bytes(), head.is_data(), &op);
+            let op_run = OpRun {
+                bytenr: head.bytenr,
+                num_bytes: head.num_bytes(),
+                is_data: head.is_data(),
+                op: &op,
+                batch: scope.batch(),
+            };
+            let apply = || scope.backend().apply_extent_op(&op_run);
             if let Err(failure) = call_backend(apply) {
                 // As a failed `apply_ref`: the op goes back, the head is
                 // released, a panic goes on to the caller.
@@ -613,8 +622,13 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
         // Closed: no adder can come back; a cancelled allocation's op goes.
         head.take_op();
         if mir {
-            // Step 4: the allocation was cancelled in this transaction.
-            backend.pin_reserved(head.bytenr, head.num_bytes(), head.is_data());
+            // Step 4: the allocation was cancelled in this transaction. The
+            // head is gone: a failed pin cannot be put back (Error::PinLost).
+            let pin =
+                Pin { bytenr: head.bytenr, num_bytes: head.num_bytes(), is_data: head.is_data(), batch: scope.batch() };
+            if let Err(failure) = call_backend(|| scope.backend().pin_reserved(&pin)) {
+                return Err(failure.into_pin_error(&pin));
+            }
         }
         stats.bytes_released += released;
         stats.heads_deleted += 1;
@@ -623,20 +637,31 @@ fn run_head<S: Stores, B: ExtentTree + ?Sized>(
     }
 }
 
-/// Select and run one head.
-pub(super) fn run_one<S: Stores, B: ExtentTree + ?Sized>(
+/// Select and run one head, inside `scope`'s hooks.
+fn run_one_in<S: Stores, B: ExtentTree + ?Sized>(
     refs: &Engine<S>,
-    backend: &B,
+    scope: &RunScope<'_, B>,
 ) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
     let guard = refs.pin();
     let Some(entry) = select(refs, &guard) else { return Ok(None) };
     let bytenr = *entry.key();
-    let (outcome, stats) = run_head(refs, backend, &entry, &guard)?;
+    let release = || refs.unselect(entry.value());
+    let (outcome, stats) = scope.head(bytenr, release, || run_head(refs, scope, &entry, &guard))?;
     Ok(Some((bytenr, outcome, stats)))
 }
 
-/// `btrfs_run_delayed_refs` (semantics.md §6.5).
+/// Select and run one head, as one run batch.
+pub(super) fn run_one<S: Stores, B: ExtentTree + ?Sized>(
+    refs: &Engine<S>,
+    backend: &B,
+) -> Result<Option<(u64, HeadOutcome, RunStats)>> {
+    run_batch(backend, refs.batches.next(), |scope| run_one_in(refs, scope))
+}
+
+/// `btrfs_run_delayed_refs` (semantics.md §6.5), as one run batch.
 pub(super) fn run<S: Stores, B: ExtentTree + ?Sized>(refs: &Engine<S>, backend: &B, mode: RunMode) -> Result<RunStats> {
     let ready = if mode == RunMode::Ready { refs.counters.num_heads_ready.sum().max(0) as u64 } else { 0 };
-    crate::api::drive_run(mode, ready, || Ok(run_one(refs, backend)?.map(|(_, _, s)| s)), || refs.heads.is_empty())
+    run_batch(backend, refs.batches.next(), |scope| {
+        crate::api::drive_run(mode, ready, || Ok(run_one_in(refs, scope)?.map(|(_, _, s)| s)), || refs.heads.is_empty())
+    })
 }

@@ -339,7 +339,7 @@ mod tests {
     use crate::api::{CleanupOutcome, FsConfig, FsShared, RunMode};
     use crate::domain::generic_ref::GenericRef;
     use crate::domain::kind::Action;
-    use crate::extent_tree::{ExtentTree, MemExtentTree};
+    use crate::extent_tree::MemExtentTree;
     use crate::lockfree::root::Engine;
     use crate::rsv::handle::TransHandle;
 
@@ -351,7 +351,7 @@ mod tests {
         let r = |action, ino| GenericRef::new(action, 1 << 20, 4096, 0, 5).data(5, ino, 0, 0, false);
         refs.add_data_ref(&mut h, &r(Action::AddExtent, 257), 4096).unwrap();
         refs.add_data_ref(&mut h, &r(Action::Add, 258), 0).unwrap();
-        assert_eq!(refs.lookup_extent_info(&tree, 1 << 20).unwrap().refs, 2);
+        assert_eq!(refs.lookup_extent_info(&tree, 1 << 20).unwrap().unwrap().refs, 2);
         refs.run(&tree, RunMode::All).unwrap();
         assert_eq!(tree.lookup(1 << 20).unwrap().refs, 2);
         assert_eq!(refs.counters().num_heads, 0);

@@ -1,15 +1,12 @@
 //! End-of-round checks: drain everything, then compare counters, the
 //! delayed-refs reserve and the extent tree with what must hold at quiescence.
 
-use std::sync::mpsc;
 use std::time::Duration;
 
-use delayed_refs::{DelayedRefs, MemExtentTree, RunMode};
+use delayed_refs::{DelayedRefs, RunMode};
 
+use crate::faults::{self, Outcome, Tree};
 use crate::oracle::Oracle;
-
-/// How long the final drain may take before the run is declared hung.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How many violation descriptions are kept.
 const MAX_MESSAGES: usize = 12;
@@ -100,20 +97,24 @@ pub fn rsv_size<D: DelayedRefs>(refs: &D) -> u64 {
     refs.fs().reserves.snapshot().delayed_refs.size
 }
 
-/// `run(RunMode::All)` under a watchdog that ends the process if it hangs.
-fn drain_all<D: DelayedRefs>(refs: &D, tree: &MemExtentTree) -> delayed_refs::Result<delayed_refs::RunStats> {
-    let (done, wait) = mpsc::channel::<()>();
-    let dog = std::thread::spawn(move || {
-        if wait.recv_timeout(DRAIN_TIMEOUT) == Err(mpsc::RecvTimeoutError::Timeout) {
-            eprintln!("stress: the final run(RunMode::All) did not return within {DRAIN_TIMEOUT:?}: hung");
-            std::process::exit(1);
-        }
-    });
-    let r = refs.run(tree, RunMode::All);
-    // The watchdog ends either way: by the message or by the disconnect.
-    let _ = done.send(());
-    let _ = dog.join();
-    r
+/// `run(RunMode::All)`, again after each injected fault, under a watchdog
+/// that ends the process (dumping the claimed heads) if it stalls.
+fn drain_all<D: DelayedRefs>(refs: &D, tree: &Tree, limit: Duration) -> delayed_refs::Result<delayed_refs::RunStats> {
+    let mut total = delayed_refs::RunStats::default();
+    faults::watchdog(
+        "the final run(RunMode::All)",
+        limit,
+        || faults::claimed_heads(refs),
+        || loop {
+            match faults::retrying(|| refs.run(tree, RunMode::All))? {
+                Outcome::Done(s) => {
+                    total.absorb(&s);
+                    return Ok(total);
+                }
+                Outcome::Retry => continue,
+            }
+        },
+    )
 }
 
 /// What the end of a round found besides violations.
@@ -131,12 +132,13 @@ pub struct Finish {
 /// `oracle`; then `reclaim()` and read the live heap bytes.
 pub fn finish_round<D: DelayedRefs>(
     refs: &D,
-    tree: &MemExtentTree,
+    tree: &Tree,
     oracle: &Oracle,
     rsv_start: u64,
+    watchdog: Duration,
     v: &mut Violations,
 ) -> Finish {
-    let drained = match drain_all(refs, tree) {
+    let drained = match drain_all(refs, tree, watchdog) {
         Ok(s) => s.refs,
         Err(e) => {
             v.errors += 1;
@@ -155,7 +157,7 @@ pub fn finish_round<D: DelayedRefs>(
         v.rsv_leaks += 1;
         v.note(format!("delayed-refs reserve size {rsv_end}, started at {rsv_start}"));
     }
-    let diff = oracle.compare(tree);
+    let diff = oracle.compare(tree.inner());
     v.lost += diff.lost;
     v.doubled += diff.doubled;
     v.flag_mismatches += diff.flag_mismatches;

@@ -161,6 +161,20 @@ pub struct StressArgs {
     /// implementations' (never part of the verdict).
     #[arg(long)]
     pub harness_cost: bool,
+    /// Fault injection: about one backend call in N fails with a storage error, one in 7N panics, one in N
+    /// pauses up to 200 us (a seeded hash of the call number, not a fixed period). Runners, readers and the final drain retry (the errors say Retry), so a round
+    /// must still end with 0 lost / 0 doubled. 0: none. Throughput under faults is not a benchmark.
+    #[arg(long, default_value_t = 0)]
+    pub faults: u64,
+    /// Backpressure mode: roots get this pending-entry limit (FsConfig::pending_limit), and every 32 adds an
+    /// adder asks DelayedRefs::backpressure(); on Throttle it runs one head itself (run_one) before adding
+    /// more, as a kernel transaction handle runs delayed refs when they pile up.
+    #[arg(long)]
+    pub throttle: Option<u64>,
+    /// Seconds a phase may take past its end (joining the timed phase's threads, the final drain) before the
+    /// run is declared stalled: the claimed heads are printed and the process exits with code 3.
+    #[arg(long, default_value_t = 60)]
+    pub watchdog: u64,
 }
 
 impl Default for StressArgs {
@@ -179,6 +193,9 @@ impl Default for StressArgs {
             json: false,
             details: false,
             harness_cost: false,
+            faults: 0,
+            throttle: None,
+            watchdog: 60,
         }
     }
 }

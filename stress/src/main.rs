@@ -24,6 +24,7 @@ mod out;
 mod alloc;
 mod check;
 mod cli;
+mod faults;
 mod impls;
 mod mem;
 mod memwatch;

@@ -25,8 +25,12 @@ impl DelayedRefs for NoopRefs {
     type Cell = AtomicCell;
     const NAME: &'static str = "noop";
 
-    fn with_fs(fs: Arc<FsShared<AtomicCell>>) -> Self {
+    fn for_transaction(fs: Arc<FsShared<AtomicCell>>, _transid: u64) -> Self {
         NoopRefs(fs)
+    }
+
+    fn transid(&self) -> u64 {
+        0
     }
 
     fn fs(&self) -> &Arc<FsShared<AtomicCell>> {
@@ -57,8 +61,8 @@ impl DelayedRefs for NoopRefs {
         Ok(RunStats::default())
     }
 
-    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Option<ExtentInfo> {
-        backend.lookup(bytenr)
+    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, backend: &B, bytenr: u64) -> Result<Option<ExtentInfo>> {
+        backend.lookup(bytenr).map_err(|source| delayed_refs::Error::Backend { bytenr, source })
     }
 
     fn check_ref_cleanup(&self, _: u64) -> CleanupOutcome {

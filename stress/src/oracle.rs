@@ -122,6 +122,7 @@ mod tests {
             insert_reserved,
             extent_op: None,
             owning_root: 5,
+            batch: Default::default(),
         };
         tree.apply_ref(&run).unwrap();
     }

@@ -32,6 +32,10 @@ pub struct RoundRecord {
     pub lin_violations: u64,
     /// The history was cut before the end of the round.
     pub lin_cut: bool,
+    /// What `--faults` injected.
+    pub faults: delayed_refs::FaultStats,
+    /// `--throttle`: times adders were told to throttle.
+    pub throttled: u64,
 }
 
 /// The rounds one implementation ran, folded in as they finish: a round's
@@ -72,6 +76,8 @@ impl ImplRun {
             lin_ops_recorded: r.lin.ops_recorded,
             lin_violations: r.violations.linearizability,
             lin_cut: r.lin.cut,
+            faults: r.faults,
+            throttled: r.throttled,
         });
         drop(r);
         self.floors.push(crate::alloc::live_bytes());
@@ -181,6 +187,14 @@ pub struct Summary {
     pub round_linearizability_violations: Vec<u64>,
     /// Per-round throughput.
     pub round_ops_per_sec: Vec<f64>,
+    /// `--faults`: backend errors injected over all rounds (each retried).
+    pub faults_injected_errors: u64,
+    /// `--faults`: backend panics injected over all rounds (each caught and retried).
+    pub faults_injected_panics: u64,
+    /// `--faults`: backend calls paused.
+    pub faults_pauses: u64,
+    /// `--throttle`: times adders were told to throttle (and ran a head).
+    pub throttled: u64,
     /// The first violations, described.
     pub violations: Vec<String>,
     /// Memory over the run.
@@ -229,6 +243,10 @@ impl Summary {
             round_linearizability_reads_checked: run.rounds.iter().map(|r| r.lin_reads_checked).collect(),
             round_linearizability_violations: run.rounds.iter().map(|r| r.lin_violations).collect(),
             round_ops_per_sec,
+            faults_injected_errors: run.rounds.iter().map(|r| r.faults.errors).sum(),
+            faults_injected_panics: run.rounds.iter().map(|r| r.faults.panics).sum(),
+            faults_pauses: run.rounds.iter().map(|r| r.faults.pauses).sum(),
+            throttled: run.rounds.iter().map(|r| r.throttled).sum(),
             violations: tally.messages.clone(),
             mem,
             tally,
@@ -562,6 +580,8 @@ mod tests {
             mem_end_bytes: 3 << 20,
             mem_root_retained_bytes: 0,
             lin: LinFigures { reads_checked: 1000, ops_recorded: 50, cut: false, samples: Vec::new() },
+            faults: Default::default(),
+            throttled: 0,
         });
         let mem = MemFigures { mem_peak_bytes: 4 << 20, mem_end_bytes: 3 << 20, mem_flat: true, ..Default::default() };
         let sums = vec![Summary::of(&run, mem)];
@@ -622,6 +642,8 @@ mod tests {
                 mem_end_bytes: 0,
                 mem_root_retained_bytes: 0,
                 lin: LinFigures { reads_checked: 0, ops_recorded: 0, cut: false, samples: Vec::new() },
+                faults: Default::default(),
+                throttled: 0,
             });
         }
         run

@@ -26,11 +26,13 @@ pub struct ThreadStats {
     pub error_samples: Vec<String>,
     /// Latency of single add calls in nanoseconds.
     pub hist: Histogram<u64>,
+    /// `--throttle`: times this adder was told to throttle and ran a head.
+    pub throttled: u64,
 }
 
 impl Default for ThreadStats {
     fn default() -> Self {
-        ThreadStats { ops: 0, errors: 0, error_samples: Vec::new(), hist: new_histogram() }
+        ThreadStats { ops: 0, errors: 0, error_samples: Vec::new(), hist: new_histogram(), throttled: 0 }
     }
 }
 
@@ -89,6 +91,10 @@ pub struct RoundResult {
     pub mem_root_retained_bytes: i64,
     /// The readers' linearizability check.
     pub lin: LinFigures,
+    /// What `--faults` injected into the round's backend.
+    pub faults: delayed_refs::FaultStats,
+    /// `--throttle`: times adders were told to throttle.
+    pub throttled: u64,
 }
 
 impl RoundResult {
@@ -134,6 +140,8 @@ mod tests {
             mem_end_bytes: 0,
             mem_root_retained_bytes: 0,
             lin: LinFigures::default(),
+            faults: Default::default(),
+            throttled: 0,
         };
         assert_eq!(r.ops_per_sec(), 150.0);
         assert_eq!(r.fairness(), 0.5);

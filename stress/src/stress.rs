@@ -118,6 +118,9 @@ fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
         heads,
         keys: args.keys,
         round: Duration::from_secs_f64(args.seconds / rounds as f64),
+        faults: args.faults,
+        throttle: args.throttle,
+        watchdog: Duration::from_secs(args.watchdog.max(1)),
     };
     let header = Header {
         workload: w.as_str(),

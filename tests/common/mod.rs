@@ -15,8 +15,8 @@ use std::sync::Mutex;
 
 use delayed_refs::{
     Action, BLOCK_FLAG_FULL_BACKREF, Counters, DelayedRefs, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, ExtentError,
-    ExtentInfo, ExtentItem, ExtentOp, ExtentTree, GenericRef, Geometry, HeadSnapshot, MemExtentTree, QgroupRecord,
-    RefKey, RefRun, ReservesSnapshot, TransHandle, is_fstree,
+    ExtentInfo, ExtentItem, ExtentOp, ExtentTree, GenericRef, Geometry, HeadSnapshot, MemExtentTree, OpRun, Pin,
+    QgroupRecord, RefKey, RefRun, ReservesSnapshot, TransHandle, is_fstree,
 };
 
 /// Instantiate generic test fns `fn name<D: DelayedRefs>()` as `#[test]`s,
@@ -208,19 +208,24 @@ impl<B: ExtentTree> ExtentTree for Recording<B> {
         r
     }
 
-    fn apply_extent_op(&self, bytenr: u64, num_bytes: u64, is_data: bool, op: &ExtentOp) -> Result<(), ExtentError> {
-        let r = self.inner.apply_extent_op(bytenr, num_bytes, is_data, op);
-        self.log.lock().unwrap().push(Event::Op { bytenr, op: *op, ok: r.is_ok() });
+    fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError> {
+        let r = self.inner.apply_extent_op(run);
+        self.log.lock().unwrap().push(Event::Op { bytenr: run.bytenr, op: *run.op, ok: r.is_ok() });
         r
     }
 
-    fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool) {
-        self.inner.pin_reserved(bytenr, num_bytes, is_data);
-        self.log.lock().unwrap().push(Event::Pin { bytenr, num_bytes, is_data });
+    fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError> {
+        let r = self.inner.pin_reserved(pin);
+        self.log.lock().unwrap().push(Event::Pin {
+            bytenr: pin.bytenr,
+            num_bytes: pin.num_bytes,
+            is_data: pin.is_data,
+        });
+        r
     }
 
-    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
-        self.inner.lookup(bytenr)
+    fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
+        ExtentTree::lookup(&self.inner, bytenr)
     }
 }
 
@@ -237,16 +242,16 @@ impl<B: ExtentTree> ExtentTree for Hooked<'_, B> {
         self.inner.apply_ref(run)
     }
 
-    fn apply_extent_op(&self, bytenr: u64, num_bytes: u64, is_data: bool, op: &ExtentOp) -> Result<(), ExtentError> {
-        self.inner.apply_extent_op(bytenr, num_bytes, is_data, op)
+    fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError> {
+        self.inner.apply_extent_op(run)
     }
 
-    fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool) {
-        self.inner.pin_reserved(bytenr, num_bytes, is_data)
+    fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError> {
+        self.inner.pin_reserved(pin)
     }
 
-    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
-        self.inner.lookup(bytenr)
+    fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
+        ExtentTree::lookup(self.inner, bytenr)
     }
 }
 

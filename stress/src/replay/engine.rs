@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use delayed_refs::{
-    Action, DelayedRefs, Error, ExtentError, ExtentInfo, ExtentItem, ExtentOp, ExtentTree, FsConfig, FsShared,
-    HeadOutcome, MemExtentTree, RefKey, RefRun, RunMode, RunStats, SeqBlocker, SeqTracker, TransHandle,
+    Action, DelayedRefs, Error, ExtentError, ExtentInfo, ExtentItem, ExtentTree, FsConfig, FsShared, HeadOutcome,
+    MemExtentTree, OpRun, Pin, RefKey, RefRun, RunMode, RunStats, SeqBlocker, SeqTracker, TransHandle,
 };
 
 use super::plan::{Batch, BatchEnd, Op, OpKind, Segment};
@@ -302,20 +302,20 @@ impl ExtentTree for RecordingTree<'_> {
         r
     }
 
-    fn apply_extent_op(&self, bytenr: u64, num_bytes: u64, is_data: bool, op: &ExtentOp) -> Result<(), ExtentError> {
-        let r = self.inner.apply_extent_op(bytenr, num_bytes, is_data, op);
+    fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError> {
+        let r = self.inner.apply_extent_op(run);
         if r.is_err() {
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
 
-    fn pin_reserved(&self, bytenr: u64, num_bytes: u64, is_data: bool) {
-        self.inner.pin_reserved(bytenr, num_bytes, is_data);
+    fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError> {
+        self.inner.pin_reserved(pin)
     }
 
-    fn lookup(&self, bytenr: u64) -> Option<ExtentInfo> {
-        self.inner.lookup(bytenr)
+    fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
+        ExtentTree::lookup(&self.inner, bytenr)
     }
 }
 
@@ -1113,6 +1113,7 @@ mod tests {
             insert_reserved: false,
             extent_op: None,
             owning_root: 5,
+            batch: Default::default(),
         }
     }
 

@@ -13,13 +13,14 @@ use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use delayed_refs::{DelayedRefs, MemExtentTree, RunMode, TransHandle};
+use delayed_refs::{DelayedRefs, RunMode, TransHandle};
 use indicatif::ProgressBar;
 
 use super::history::OpLog;
 use super::slots::{Pattern, REFS_PER_HEAD, SlotAdder};
 use super::{Adder, Params, harness};
 use crate::check::{Violations, finish_round, rsv_size};
+use crate::faults::{self, Outcome, Tree};
 use crate::oracle::Oracle;
 use crate::stats::{RoundResult, ThreadStats, merge_threads};
 
@@ -43,18 +44,22 @@ fn prefill<D: DelayedRefs>(refs: &D, adders: &mut [SlotAdder], logs: &mut [OpLog
     });
 }
 
-/// `runners` threads call `run(RunMode::All)` at once; returns the seconds
-/// until the last one returned.
-fn drain<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, runner_stats: &mut [ThreadStats]) -> f64 {
+/// `runners` threads call `run(RunMode::All)` at once (again after an
+/// injected fault); returns the seconds until the last one returned.
+fn drain<D: DelayedRefs>(refs: &D, tree: &Tree, runner_stats: &mut [ThreadStats]) -> f64 {
     let barrier = Barrier::new(runner_stats.len() + 1);
     std::thread::scope(|s| {
         let barrier = &barrier;
         for st in runner_stats.iter_mut() {
             s.spawn(move || {
                 barrier.wait();
-                match refs.run(tree, RunMode::All) {
-                    Ok(r) => st.ops += r.refs,
-                    Err(e) => st.error(|| format!("drain run(All): {}", crate::out::Chain(&e))),
+                loop {
+                    match faults::retrying(|| refs.run(tree, RunMode::All)) {
+                        Ok(Outcome::Done(r)) => st.ops += r.refs,
+                        Ok(Outcome::Retry) => continue,
+                        Err(e) => st.error(|| format!("drain run(All): {}", crate::out::Chain(&e))),
+                    }
+                    break;
                 }
             });
         }
@@ -69,8 +74,8 @@ fn drain<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, runner_stats: &mut [Thr
 
 /// One round of the drain workload.
 pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundResult {
-    let (refs, fresh) = super::new_root::<D>();
-    let tree = MemExtentTree::new();
+    let (refs, fresh) = super::new_root::<D>(p);
+    let tree = faults::new_tree(p.faults);
     let rsv_start = rsv_size(&refs);
     let per_thread = (p.heads / p.threads).max(1);
     let mut adders: Vec<SlotAdder> =
@@ -95,7 +100,8 @@ pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundR
         let mut secs = 0.0;
         loop {
             prefill(refs, &mut adders, &mut op_logs, &mut adder_stats);
-            secs += drain(refs, tree, &mut runner_stats);
+            let dump = || faults::claimed_heads(refs);
+            secs += faults::watchdog("a drain", p.round + p.watchdog, dump, || drain(refs, tree, &mut runner_stats));
             let e = start.elapsed();
             bar.set_position(e.as_millis() as u64);
             if e >= p.round {
@@ -120,7 +126,7 @@ pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundR
     for a in &adders {
         a.expect(&mut oracle);
     }
-    let fin = finish_round(&refs, &tree, &oracle, rsv_start, &mut v);
+    let fin = finish_round(&refs, &tree, &oracle, rsv_start, p.watchdog, &mut v);
     let mut res = RoundResult {
         ops: drained,
         secs,
@@ -131,6 +137,8 @@ pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundR
         mem_end_bytes: fin.mem_end_bytes,
         mem_root_retained_bytes: 0,
         lin,
+        faults: tree.stats(),
+        throttled: 0,
     };
     res.mem_root_retained_bytes = super::retire_root(refs, fresh);
     res

@@ -14,14 +14,16 @@ mod tests;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use delayed_refs::{DelayedRefs, FsConfig, MemExtentTree, TransHandle};
+use delayed_refs::{DelayedRefs, FsConfig, TransHandle};
 use indicatif::ProgressBar;
 
 use crate::alloc;
 use crate::check::{Violations, finish_round, rsv_size};
 use crate::cli::WorkloadKind;
+use crate::faults::{self, Tree};
 use crate::oracle::Oracle;
 use crate::stats::{LinFigures, RoundResult, merge_threads, new_histogram};
+use delayed_refs::FaultStats;
 use history::{History, OpLog};
 use slots::{Pattern, SlotAdder};
 
@@ -45,6 +47,12 @@ pub struct Params {
     pub keys: usize,
     /// Length of one round.
     pub round: Duration,
+    /// `--faults`: every N-th backend call fails (0: none).
+    pub faults: u64,
+    /// `--throttle`: the roots' pending-entry limit; adders help when told.
+    pub throttle: Option<u64>,
+    /// `--watchdog`: how long a phase may overrun before it is a stall.
+    pub watchdog: Duration,
 }
 
 /// An adder thread's op generator and its model of what it queued.
@@ -79,10 +87,11 @@ pub fn run_round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> Ro
     }
 }
 
-/// A fresh root and the live heap bytes its construction took.
-pub(crate) fn new_root<D: DelayedRefs>() -> (D, i64) {
+/// A fresh root (with `p`'s pending limit) and the live heap bytes its
+/// construction took.
+pub(crate) fn new_root<D: DelayedRefs>(p: &Params) -> (D, i64) {
     let before = alloc::live_bytes();
-    let refs = D::new(FsConfig::default());
+    let refs = D::new(FsConfig { pending_limit: p.throttle.unwrap_or(0), ..FsConfig::default() });
     let fresh = alloc::live_bytes() - before;
     (refs, fresh)
 }
@@ -124,8 +133,8 @@ struct Start {
 
 /// `hot` and `wide`: allocate the shared extents, then run the adders on them.
 fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &ProgressBar) -> RoundResult {
-    let (refs, fresh) = new_root::<D>();
-    let tree = MemExtentTree::new();
+    let (refs, fresh) = new_root::<D>(p);
+    let tree = faults::new_tree(p.faults);
     let rsv_start = rsv_size(&refs);
     let mut res = match shared::setup(&refs, &tree, p.heads) {
         Ok((heads, oracle)) => {
@@ -149,22 +158,26 @@ fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &Prog
                 mem_end_bytes: alloc::live_bytes(),
                 mem_root_retained_bytes: 0,
                 lin: LinFigures::default(),
+                faults: FaultStats::default(),
+                throttled: 0,
             }
         }
     };
+    res.faults = tree.stats();
     res.mem_root_retained_bytes = retire_root(refs, fresh);
     res
 }
 
 /// Run slot `adders` on a fresh root and tree.
 fn fresh_round<D: DelayedRefs>(p: &Params, adders: Vec<SlotAdder>, seed: u64, bar: &ProgressBar) -> RoundResult {
-    let (refs, fresh) = new_root::<D>();
-    let tree = MemExtentTree::new();
+    let (refs, fresh) = new_root::<D>(p);
+    let tree = faults::new_tree(p.faults);
     let rsv_start = rsv_size(&refs);
     let mut hist = slot_history(&adders, p.readers, seed);
     let start = Start { oracle: Oracle::new(), rsv_start };
     let mut res = run_adders(p, start, adders, &mut hist, &refs, &tree, bar);
     drop(hist);
+    res.faults = tree.stats();
     res.mem_root_retained_bytes = retire_root(refs, fresh);
     res
 }
@@ -178,12 +191,12 @@ fn run_adders<D: DelayedRefs, A: Adder>(
     adders: Vec<A>,
     history: &mut History,
     refs: &D,
-    tree: &MemExtentTree,
+    tree: &Tree,
     bar: &ProgressBar,
 ) -> RoundResult {
     let (op_logs, read_logs) = history.logs();
     let crew = adders.into_iter().zip(op_logs).collect();
-    let out = harness::timed_phase(refs, tree, crew, read_logs, p.runners, p.round, bar);
+    let out = harness::timed_phase(refs, tree, crew, read_logs, p, bar);
     bar.set_message("checking");
     let mut v = Violations::default();
     let (lin, lin_violations) = history.check(&out.op_lens, &out.read_lens);
@@ -194,7 +207,8 @@ fn run_adders<D: DelayedRefs, A: Adder>(
     for a in &out.adders {
         a.expect(&mut oracle);
     }
-    let fin = finish_round(refs, tree, &oracle, start.rsv_start, &mut v);
+    let fin = finish_round(refs, tree, &oracle, start.rsv_start, p.watchdog, &mut v);
+    let throttled = out.adder_stats.iter().map(|s| s.throttled).sum();
     RoundResult {
         ops: per_thread_ops.iter().sum(),
         secs: out.secs,
@@ -205,5 +219,7 @@ fn run_adders<D: DelayedRefs, A: Adder>(
         mem_end_bytes: fin.mem_end_bytes,
         mem_root_retained_bytes: 0,
         lin,
+        faults: FaultStats::default(),
+        throttled,
     }
 }

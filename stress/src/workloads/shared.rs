@@ -4,7 +4,9 @@
 
 use std::collections::VecDeque;
 
-use delayed_refs::{Action, DelayedRefs, MemExtentTree, RefKey, RunMode, TransHandle};
+use delayed_refs::{Action, DelayedRefs, RefKey, RunMode, TransHandle};
+
+use crate::faults::{self, Outcome, Tree};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -18,7 +20,7 @@ const BASE_KEY: RefKey = RefKey::ExtentData { root: ROOT, objectid: 1, offset: 0
 
 /// Allocate `heads` shared extents and run them, so they exist on disk before
 /// the adders start. Returns their bytenrs and the oracle of their base refs.
-pub fn setup<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, heads: usize) -> Result<(Vec<u64>, Oracle), String> {
+pub fn setup<D: DelayedRefs>(refs: &D, tree: &Tree, heads: usize) -> Result<(Vec<u64>, Oracle), String> {
     let mut trans = TransHandle::new();
     let mut oracle = Oracle::new();
     let bytenrs: Vec<u64> = (0..heads.max(1) as u64).map(|h| bytenr_of(0, h)).collect();
@@ -26,7 +28,9 @@ pub fn setup<D: DelayedRefs>(refs: &D, tree: &MemExtentTree, heads: usize) -> Re
         queue_ref(refs, &mut trans, Action::Add, b, &BASE_KEY, true)?;
         oracle.add_ref(b, BASE_KEY, 1);
     }
-    refs.run(tree, RunMode::All).map_err(|e| format!("setup run: {}", crate::out::Chain(&e)))?;
+    while let Outcome::Retry = faults::retrying(|| refs.run(tree, RunMode::All))
+        .map_err(|e| format!("setup run: {}", crate::out::Chain(&e)))?
+    {}
     Ok((bytenrs, oracle))
 }
 

@@ -28,7 +28,18 @@ const ALL: [WorkloadKind; 6] = [
 ];
 
 fn params(workload: WorkloadKind, runners: usize) -> Params {
-    Params { workload, threads: 2, runners, readers: 0, heads: 64, keys: 200, round: Duration::from_millis(60) }
+    Params {
+        workload,
+        threads: 2,
+        runners,
+        readers: 0,
+        heads: 64,
+        keys: 200,
+        round: Duration::from_millis(60),
+        faults: 0,
+        throttle: None,
+        watchdog: Duration::from_secs(60),
+    }
 }
 
 /// `params` with `readers` reader threads.
@@ -71,7 +82,7 @@ trait Fault: Send + Sync {
 
     /// What `lookup_extent_info` returns.
     fn lookup<B: ExtentTree + ?Sized>(inner: &LockedRefs, b: &B, bytenr: u64) -> Option<ExtentInfo> {
-        inner.lookup_extent_info(b, bytenr)
+        inner.lookup_extent_info(b, bytenr).unwrap()
     }
 }
 
@@ -100,7 +111,7 @@ impl Fault for ReadsDiskOnly {
     const NAME: &'static str = "reads-disk-only";
 
     fn lookup<B: ExtentTree + ?Sized>(_: &LockedRefs, b: &B, bytenr: u64) -> Option<ExtentInfo> {
-        b.lookup(bytenr)
+        b.lookup(bytenr).unwrap()
     }
 }
 
@@ -111,7 +122,7 @@ impl Fault for ReadsOneMore {
     const NAME: &'static str = "reads-one-more";
 
     fn lookup<B: ExtentTree + ?Sized>(inner: &LockedRefs, b: &B, bytenr: u64) -> Option<ExtentInfo> {
-        let info = inner.lookup_extent_info(b, bytenr).unwrap_or(ExtentInfo { refs: 0, flags: 0 });
+        let info = inner.lookup_extent_info(b, bytenr).unwrap().unwrap_or(ExtentInfo { refs: 0, flags: 0 });
         Some(ExtentInfo { refs: info.refs + 1, ..info })
     }
 }
@@ -126,10 +137,10 @@ impl Fault for ReadsTorn {
 
     fn lookup<B: ExtentTree + ?Sized>(inner: &LockedRefs, b: &B, bytenr: u64) -> Option<ExtentInfo> {
         let refs = |i: Option<ExtentInfo>| i.map_or(0, |i| i.refs);
-        let both = inner.lookup_extent_info(b, bytenr);
-        let disk_then = refs(b.lookup(bytenr));
+        let both = inner.lookup_extent_info(b, bytenr).unwrap();
+        let disk_then = refs(b.lookup(bytenr).unwrap());
         std::thread::yield_now();
-        let disk_now = refs(b.lookup(bytenr));
+        let disk_now = refs(b.lookup(bytenr).unwrap());
         both.map(|i| ExtentInfo { refs: (i.refs + disk_now).wrapping_sub(disk_then), ..i })
     }
 }
@@ -138,8 +149,11 @@ impl<F: Fault> DelayedRefs for Faulty<F> {
     type Cell = <LockedRefs as DelayedRefs>::Cell;
     const NAME: &'static str = F::NAME;
 
-    fn with_fs(fs: Arc<FsShared<Self::Cell>>) -> Self {
-        Faulty { inner: LockedRefs::with_fs(fs), calls: AtomicU64::new(0), fault: PhantomData }
+    fn for_transaction(fs: Arc<FsShared<Self::Cell>>, transid: u64) -> Self {
+        Faulty { inner: LockedRefs::for_transaction(fs, transid), calls: AtomicU64::new(0), fault: PhantomData }
+    }
+    fn transid(&self) -> u64 {
+        self.inner.transid()
     }
     fn fs(&self) -> &Arc<FsShared<Self::Cell>> {
         self.inner.fs()
@@ -165,8 +179,8 @@ impl<F: Fault> DelayedRefs for Faulty<F> {
     fn run<B: ExtentTree + ?Sized>(&self, b: &B, mode: RunMode) -> Result<RunStats> {
         self.inner.run(b, mode)
     }
-    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, b: &B, bytenr: u64) -> Option<ExtentInfo> {
-        F::lookup(&self.inner, b, bytenr)
+    fn lookup_extent_info<B: ExtentTree + ?Sized>(&self, b: &B, bytenr: u64) -> Result<Option<ExtentInfo>> {
+        Ok(F::lookup(&self.inner, b, bytenr))
     }
     fn check_ref_cleanup(&self, bytenr: u64) -> CleanupOutcome {
         self.inner.check_ref_cleanup(bytenr)
