@@ -335,7 +335,9 @@ pub trait DelayedRefs: Send + Sync + Sized {
     ///     // A head and its node per block: the queue stays near the limit.
     ///     assert!(refs.counters().num_entries <= 8 + 2);
     /// }
-    /// assert_eq!(tree.len(), 98); // the last blocks are still queued
+    /// // Everything is either on disk or still queued, at most the limit's worth.
+    /// assert_eq!(tree.len() as u64 + refs.counters().num_heads, 100);
+    /// assert!(refs.counters().num_heads <= 8 / 2 + 1);
     /// ```
     fn backpressure(&self) -> Backpressure {
         let fs = self.fs();
@@ -377,8 +379,9 @@ pub trait DelayedRefs: Send + Sync + Sized {
     /// meanwhile included, then detaches ([`release_thread`](Self::release_thread)).
     /// Returns the summed run figures, or the first error a runner hit.
     /// Each runner is its own run batch. A panicking backend call stops the
-    /// runner it hit; the others finish, then the panic goes on into the
-    /// caller (rayon's `broadcast` resumes it).
+    /// runner it hit (the others go on with what is queued, the released
+    /// head included) and reaches the caller through rayon's `broadcast`;
+    /// a second `commit_drain` finishes whatever is left.
     ///
     /// Like [`RunMode::All`] it waits while a seq blocker holds refs back
     /// (§11.15): unregister blockers before draining.

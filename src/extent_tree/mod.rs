@@ -22,6 +22,9 @@
 //! - **Failure.** An error or a panic from a call leaves the ref (or op)
 //!   queued and its head released; see [`ExtentTree`] and
 //!   [`crate::Error::recovery`].
+//!
+//! docs/backend.md has the whole contract: the call table, batches,
+//! ordering, durability, recovery, backpressure and fault injection.
 
 #![forbid(unsafe_code)]
 

@@ -135,6 +135,10 @@ pub struct Header {
     pub rounds: usize,
     /// Random seed.
     pub seed: u64,
+    /// `--faults`: about one backend call in this many fails (0: none).
+    pub faults: u64,
+    /// `--throttle`: the roots' pending-entry limit, if adders throttle.
+    pub throttle: Option<u64>,
 }
 
 /// One implementation's figures over all its rounds.
@@ -568,6 +572,8 @@ mod tests {
             keys: 1,
             rounds: 1,
             seed: 7,
+            faults: 0,
+            throttle: None,
         };
         let mut run = ImplRun::new("locked");
         run.push(RoundResult {
@@ -674,6 +680,8 @@ mod tests {
             keys: 1,
             rounds: 3,
             seed: 7,
+            faults: 0,
+            throttle: None,
         };
         let sums: Vec<Summary> =
             [&locked, &sharded, &lockfree].iter().map(|r| Summary::of(r, MemFigures::default())).collect();

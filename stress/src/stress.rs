@@ -132,6 +132,8 @@ fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
         keys: args.keys,
         rounds,
         seed,
+        faults: args.faults,
+        throttle: args.throttle,
     };
     Ok((params, header))
 }
@@ -238,6 +240,18 @@ pub fn run(args: &StressArgs) -> i32 {
         }
         if let Some(h) = &harness {
             outln!("{}", h.line());
+        }
+        if args.faults > 0 || args.throttle.is_some() {
+            for s in &sums {
+                outln!(
+                    "{}: injected {} errors, {} panics, {} pauses (each retried); adders throttled {} times",
+                    s.impl_name,
+                    s.faults_injected_errors,
+                    s.faults_injected_panics,
+                    s.faults_pauses,
+                    s.throttled
+                );
+            }
         }
         for m in &all.messages {
             eprintln!("violation: {m}");
