@@ -85,6 +85,7 @@ pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundR
     let mut hist = super::slot_history(&adders, p.readers, seed);
     let (mut op_logs, read_logs) = hist.logs();
     let stop = AtomicBool::new(false);
+    let mut drained = 0u64;
     let (secs, read_lens) = std::thread::scope(|s| {
         let (refs, tree, stop) = (&refs, &tree, &stop);
         let readers: Vec<_> = read_logs
@@ -100,8 +101,12 @@ pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundR
         let mut secs = 0.0;
         loop {
             prefill(refs, &mut adders, &mut op_logs, &mut adder_stats);
+            let before = tree.inner().applied_refs();
             let dump = || faults::claimed_heads(refs);
             secs += faults::watchdog("a drain", p.round + p.watchdog, dump, || drain(refs, tree, &mut runner_stats));
+            // Counted on the tree: a run(All) stopped by an injected fault
+            // returns no figures for the refs it did apply.
+            drained += tree.inner().applied_refs() - before;
             let e = start.elapsed();
             bar.set_position(e.as_millis() as u64);
             if e >= p.round {
@@ -121,7 +126,6 @@ pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundR
     super::note_lin(&mut v, lin_violations, &lin);
     let (hist, _) = merge_threads(&adder_stats, &mut v);
     let (_, per_runner) = merge_threads(&runner_stats, &mut v);
-    let drained: u64 = per_runner.iter().sum();
     let mut oracle = Oracle::new();
     for a in &adders {
         a.expect(&mut oracle);
