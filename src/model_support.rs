@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 
 use crate::api::{FsConfig, FsShared};
-use crate::domain::extent_op::ExtentOp;
 use crate::domain::generic_ref::GenericRef;
 use crate::domain::geometry::Geometry;
 use crate::domain::key::RefKey;

@@ -157,7 +157,7 @@ pub fn finish_round<D: DelayedRefs>(
         v.rsv_leaks += 1;
         v.note(format!("delayed-refs reserve size {rsv_end}, started at {rsv_start}"));
     }
-    let diff = oracle.compare(tree.inner());
+    let diff = oracle.compare(&tree.inner().items());
     v.lost += diff.lost;
     v.doubled += diff.doubled;
     v.flag_mismatches += diff.flag_mismatches;

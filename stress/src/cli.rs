@@ -175,6 +175,11 @@ pub struct StressArgs {
     /// run is declared stalled: the claimed heads are printed and the process exits with code 3.
     #[arg(long, default_value_t = 60)]
     pub watchdog: u64,
+    /// The extent tree the runners apply refs to: the strict in-memory tree, or a redb database file
+    /// (examples/redb_extent_tree: one transaction per head, a durable commit per run; disk-bound, so its
+    /// throughput is not a benchmark of the roots).
+    #[arg(long, value_enum, default_value = "mem")]
+    pub backend: crate::backend::BackendKind,
 }
 
 impl Default for StressArgs {
@@ -196,6 +201,7 @@ impl Default for StressArgs {
             faults: 0,
             throttle: None,
             watchdog: 60,
+            backend: crate::backend::BackendKind::Mem,
         }
     }
 }

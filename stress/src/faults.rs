@@ -9,14 +9,17 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use delayed_refs::{DelayedRefs, Error, FaultConfig, FaultyTree, InjectedPanic, MemExtentTree, Recovery};
+use delayed_refs::{DelayedRefs, Error, FaultConfig, FaultyTree, InjectedPanic, Recovery};
+
+use crate::backend::{Backend, BackendKind};
 
 /// The extent tree of the stress workloads.
-pub type Tree = FaultyTree<MemExtentTree>;
+pub type Tree = FaultyTree<Backend>;
 
-/// A fresh tree injecting faults every `faults` calls (0: none).
-pub fn new_tree(faults: u64) -> Tree {
-    FaultyTree::new(MemExtentTree::new(), FaultConfig::every(faults))
+/// A fresh tree of `kind` injecting faults in about one call in `faults`
+/// (0: none).
+pub fn new_tree(kind: BackendKind, faults: u64) -> Tree {
+    FaultyTree::new(Backend::new(kind), FaultConfig::every(faults))
 }
 
 /// What one call under faults came to.

@@ -22,6 +22,7 @@
 mod out;
 
 mod alloc;
+mod backend;
 mod check;
 mod cli;
 mod faults;

@@ -139,6 +139,8 @@ pub struct Header {
     pub faults: u64,
     /// `--throttle`: the roots' pending-entry limit, if adders throttle.
     pub throttle: Option<u64>,
+    /// `--backend`: `mem` or `redb`.
+    pub backend: &'static str,
 }
 
 /// One implementation's figures over all its rounds.
@@ -574,6 +576,7 @@ mod tests {
             seed: 7,
             faults: 0,
             throttle: None,
+            backend: "mem",
         };
         let mut run = ImplRun::new("locked");
         run.push(RoundResult {
@@ -682,6 +685,7 @@ mod tests {
             seed: 7,
             faults: 0,
             throttle: None,
+            backend: "mem",
         };
         let sums: Vec<Summary> =
             [&locked, &sharded, &lockfree].iter().map(|r| Summary::of(r, MemFigures::default())).collect();

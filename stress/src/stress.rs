@@ -121,6 +121,7 @@ fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
         faults: args.faults,
         throttle: args.throttle,
         watchdog: Duration::from_secs(args.watchdog.max(1)),
+        backend: args.backend,
     };
     let header = Header {
         workload: w.as_str(),
@@ -134,6 +135,7 @@ fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
         seed,
         faults: args.faults,
         throttle: args.throttle,
+        backend: args.backend.as_str(),
     };
     Ok((params, header))
 }

@@ -53,6 +53,8 @@ pub struct Params {
     pub throttle: Option<u64>,
     /// `--watchdog`: how long a phase may overrun before it is a stall.
     pub watchdog: Duration,
+    /// `--backend`: the extent tree.
+    pub backend: crate::backend::BackendKind,
 }
 
 /// An adder thread's op generator and its model of what it queued.
@@ -134,7 +136,7 @@ struct Start {
 /// `hot` and `wide`: allocate the shared extents, then run the adders on them.
 fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &ProgressBar) -> RoundResult {
     let (refs, fresh) = new_root::<D>(p);
-    let tree = faults::new_tree(p.faults);
+    let tree = faults::new_tree(p.backend, p.faults);
     let rsv_start = rsv_size(&refs);
     let mut res = match shared::setup(&refs, &tree, p.heads) {
         Ok((heads, oracle)) => {
@@ -171,7 +173,7 @@ fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &Prog
 /// Run slot `adders` on a fresh root and tree.
 fn fresh_round<D: DelayedRefs>(p: &Params, adders: Vec<SlotAdder>, seed: u64, bar: &ProgressBar) -> RoundResult {
     let (refs, fresh) = new_root::<D>(p);
-    let tree = faults::new_tree(p.faults);
+    let tree = faults::new_tree(p.backend, p.faults);
     let rsv_start = rsv_size(&refs);
     let mut hist = slot_history(&adders, p.readers, seed);
     let start = Start { oracle: Oracle::new(), rsv_start };

@@ -39,6 +39,7 @@ fn params(workload: WorkloadKind, runners: usize) -> Params {
         faults: 0,
         throttle: None,
         watchdog: Duration::from_secs(60),
+        backend: crate::backend::BackendKind::Mem,
     }
 }
 
