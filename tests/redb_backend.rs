@@ -107,7 +107,8 @@ fn rounds<D: DelayedRefs>(faults: u64) {
             std::thread::scope(|s| {
                 s.spawn(|| {
                     while adding.load(Ordering::Relaxed) {
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| refs.run(&tree, RunMode::Ready)));
+                        let r =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| refs.run(&tree, RunMode::Ready)));
                         match r {
                             Ok(r) => {
                                 retry(r);

@@ -96,7 +96,11 @@ pub fn crash_once(child: impl Fn(&Path) -> Command, db: &Path, extents: u64, att
 
 /// Three kills, each on a fresh database from `fresh`; at least one must
 /// land inside a run, or the test proved nothing.
-pub fn crash_test(child: impl Fn(&Path) -> Command, extents: u64, fresh: impl Fn(&str) -> PathBuf) -> Result<(), String> {
+pub fn crash_test(
+    child: impl Fn(&Path) -> Command,
+    extents: u64,
+    fresh: impl Fn(&str) -> PathBuf,
+) -> Result<(), String> {
     let mut mid = 0;
     for attempt in 0..3 {
         let db = fresh("crash");

@@ -30,8 +30,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use delayed_refs::{
-    Action, Batch, BatchEnd, ExtentError, ExtentInfo, ExtentItem, ExtentOp, ExtentTree, OpRun, Pin, RefKey, RefRun,
-    EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK,
+    Action, Batch, BatchEnd, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, ExtentError, ExtentInfo, ExtentItem, ExtentOp,
+    ExtentTree, OpRun, Pin, RefKey, RefRun,
 };
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
@@ -63,6 +63,14 @@ fn ref_key((_, kind, a, b, c): (u64, u8, u64, u64, u64)) -> RefKey {
         2 => RefKey::ExtentData { root: a, objectid: b, offset: c },
         _ => RefKey::SharedData { parent: a },
     }
+}
+
+/// A redb error, boxed (redb's error type is large).
+pub type DbError = Box<redb::Error>;
+
+/// Box a redb error.
+fn db(e: impl Into<redb::Error>) -> DbError {
+    Box::new(e.into())
 }
 
 /// A redb error as the backend's own failure.
@@ -100,16 +108,16 @@ pub struct RedbExtentTree {
 
 impl RedbExtentTree {
     /// Create (or open) the database at `path`.
-    pub fn open(path: &Path) -> Result<Self, redb::Error> {
-        let db = Database::create(path)?;
-        let txn = db.begin_write()?;
-        txn.open_table(EXTENTS)?;
-        txn.open_table(BACKREFS)?;
-        txn.open_table(META)?;
-        txn.open_table(RUNS)?;
-        txn.commit()?;
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let database = Database::create(path).map_err(db)?;
+        let txn = database.begin_write().map_err(db)?;
+        txn.open_table(EXTENTS).map_err(db)?;
+        txn.open_table(BACKREFS).map_err(db)?;
+        txn.open_table(META).map_err(db)?;
+        txn.open_table(RUNS).map_err(db)?;
+        txn.commit().map_err(db)?;
         Ok(RedbExtentTree {
-            db,
+            db: database,
             runs: Mutex::new(HashMap::new()),
             overlay: Mutex::new(HashMap::new()),
             label: AtomicU64::new(0),
@@ -135,18 +143,18 @@ impl RedbExtentTree {
 
     /// A named counter of the committed state (`last_run`, `label`,
     /// `transid`, `pinned_bytes`), 0 if never written.
-    pub fn meta(&self, name: &str) -> Result<u64, redb::Error> {
-        let r = self.db.begin_read()?;
-        Ok(r.open_table(META)?.get(name)?.map_or(0, |v| v.value()))
+    pub fn meta(&self, name: &str) -> Result<u64, DbError> {
+        let r = self.db.begin_read().map_err(db)?;
+        Ok(r.open_table(META).map_err(db)?.get(name).map_err(db)?.map_or(0, |v| v.value()))
     }
 
     /// Runs in the journal, by (transid, run), and the refs they applied.
-    pub fn journal(&self) -> Result<BTreeMap<(u64, u64), u64>, redb::Error> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(RUNS)?;
+    pub fn journal(&self) -> Result<BTreeMap<(u64, u64), u64>, DbError> {
+        let r = self.db.begin_read().map_err(db)?;
+        let t = r.open_table(RUNS).map_err(db)?;
         let mut out = BTreeMap::new();
-        for e in t.iter()? {
-            let (k, v) = e?;
+        for e in t.iter().map_err(db)? {
+            let (k, v) = e.map_err(db)?;
             out.insert(k.value(), v.value());
         }
         Ok(out)
@@ -154,17 +162,17 @@ impl RedbExtentTree {
 
     /// Every committed item with its backrefs, in the shape of
     /// `MemExtentTree::items`.
-    pub fn items(&self) -> Result<BTreeMap<u64, ExtentItem>, redb::Error> {
-        let r = self.db.begin_read()?;
+    pub fn items(&self) -> Result<BTreeMap<u64, ExtentItem>, DbError> {
+        let r = self.db.begin_read().map_err(db)?;
         let mut out = BTreeMap::new();
-        for e in r.open_table(EXTENTS)?.iter()? {
-            let (k, v) = e?;
+        for e in r.open_table(EXTENTS).map_err(db)?.iter().map_err(db)? {
+            let (k, v) = e.map_err(db)?;
             let (refs, flags, num_bytes, is_data, level) = v.value();
             let item = ExtentItem { num_bytes, is_data, refs, flags, level, key: None, backrefs: BTreeMap::new() };
             out.insert(k.value(), item);
         }
-        for e in r.open_table(BACKREFS)?.iter()? {
-            let (k, v) = e?;
+        for e in r.open_table(BACKREFS).map_err(db)?.iter().map_err(db)? {
+            let (k, v) = e.map_err(db)?;
             let k = k.value();
             if let Some(item) = out.get_mut(&k.0) {
                 item.backrefs.insert(ref_key(k), v.value());
@@ -200,10 +208,9 @@ impl RedbExtentTree {
         f: impl FnOnce(&WriteTransaction) -> Result<T, ExtentError>,
     ) -> Result<T, ExtentError> {
         let mut runs = self.runs.lock().unwrap();
-        let head = runs
-            .get_mut(&batch.run)
-            .and_then(|r| r.head.as_mut())
-            .ok_or_else(|| ExtentError::storage(std::io::Error::other("a backend call outside begin_head..end_head")))?;
+        let head = runs.get_mut(&batch.run).and_then(|r| r.head.as_mut()).ok_or_else(|| {
+            ExtentError::storage(std::io::Error::other("a backend call outside begin_head..end_head"))
+        })?;
         let r = f(&head.txn);
         if matches!(r, Err(ExtentError::Storage(_))) {
             head.poisoned = true;

@@ -79,7 +79,10 @@ pub fn same_items(got: &BTreeMap<u64, ExtentItem>, want: &BTreeMap<u64, ExtentIt
     for (b, w) in want {
         let Some(g) = got.get(b) else { return Err(format!("extent {b:#x} missing")) };
         if (g.refs, g.flags, &g.backrefs) != (w.refs, w.flags, &w.backrefs) {
-            return Err(format!("extent {b:#x}: {} refs {:?}, expected {} refs {:?}", g.refs, g.backrefs, w.refs, w.backrefs));
+            return Err(format!(
+                "extent {b:#x}: {} refs {:?}, expected {} refs {:?}",
+                g.refs, g.backrefs, w.refs, w.backrefs
+            ));
         }
     }
     Ok(())

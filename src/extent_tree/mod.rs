@@ -251,7 +251,10 @@ pub trait ExtentTree: Send + Sync {
     /// step 4, §7.3). The in-memory tree only counts it.
     fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError>;
 
-    /// The extent's on-disk refs and flags, `None` if it has no item.
+    /// The extent's refs and flags, `None` if it has no item. It must
+    /// reflect every [`apply_ref`](Self::apply_ref) that returned `Ok`,
+    /// committed or not: a backend that buffers writes per batch answers
+    /// from its buffer first (readers add the queued count to this one).
     fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError>;
 
     /// A run starts: called before it selects its first head. An error ends

@@ -53,8 +53,10 @@ impl Backend {
             BackendKind::Redb => {
                 let nanos =
                     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-                let path = std::env::temp_dir().join(format!("delayed-refs-stress-{}-{nanos}.redb", std::process::id()));
-                let t = RedbExtentTree::open(&path).unwrap_or_else(|e| panic!("stress: redb at {}: {e}", path.display()));
+                let path =
+                    std::env::temp_dir().join(format!("delayed-refs-stress-{}-{nanos}.redb", std::process::id()));
+                let t =
+                    RedbExtentTree::open(&path).unwrap_or_else(|e| panic!("stress: redb at {}: {e}", path.display()));
                 Backend::Redb(t, path)
             }
         }
