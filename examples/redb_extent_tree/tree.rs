@@ -91,6 +91,8 @@ struct HeadTxn {
 struct RunState {
     head: Option<HeadTxn>,
     applied: u64,
+    /// Head transactions this run committed (refs, ops or pins).
+    committed_heads: u64,
 }
 
 /// A durable extent tree in one redb file (see the module docs).
@@ -365,14 +367,18 @@ impl ExtentTree for RedbExtentTree {
             return Err(ExtentError::storage(std::io::Error::other("a write failed half-way; head aborted")));
         }
         // Whatever the end: refs that apply_ref accepted have left the queue.
-        let r = head.txn.commit().map_err(storage);
+        let committed = head.txn.commit().map_err(storage);
         self.overlay.lock().unwrap().remove(&bytenr);
-        r
+        committed?;
+        if let Some(r) = self.runs.lock().unwrap().get_mut(&batch.run) {
+            r.committed_heads += 1;
+        }
+        Ok(())
     }
 
     fn end_run(&self, batch: Batch, _end: BatchEnd) -> Result<(), ExtentError> {
         let Some(state) = self.runs.lock().unwrap().remove(&batch.run) else { return Ok(()) };
-        if state.applied == 0 {
+        if state.committed_heads == 0 {
             return Ok(());
         }
         // The durable commit: it makes this run's head commits (and any

@@ -27,6 +27,10 @@ pub struct FaultConfig {
     pub pause_one_in: u64,
     /// The longest pause; a pause lasts between 0 and this.
     pub max_pause: Duration,
+    /// From this call number on (0: never), the first call that may panic
+    /// (not a `lookup`) never returns: a stalled backend, to test that a
+    /// caller's watchdog turns a stall into a failure.
+    pub stall_at: u64,
     /// Seed of the choices.
     pub seed: u64,
 }
@@ -41,13 +45,17 @@ impl FaultConfig {
             panic_one_in: n.saturating_mul(7),
             pause_one_in: n,
             max_pause: Duration::from_micros(200),
+            stall_at: 0,
             seed: 0x5eed,
         }
     }
 
     /// Whether this configuration injects anything.
     pub fn injects(&self) -> bool {
-        self.fail_one_in > 0 || self.panic_one_in > 0 || (self.pause_one_in > 0 && !self.max_pause.is_zero())
+        self.fail_one_in > 0
+            || self.panic_one_in > 0
+            || self.stall_at > 0
+            || (self.pause_one_in > 0 && !self.max_pause.is_zero())
     }
 }
 
@@ -122,6 +130,7 @@ pub struct FaultyTree<B> {
     inner: B,
     config: FaultConfig,
     enabled: AtomicBool,
+    stalled: AtomicBool,
     calls: AtomicU64,
     errors: AtomicU64,
     panics: AtomicU64,
@@ -152,6 +161,7 @@ impl<B: ExtentTree> FaultyTree<B> {
             inner,
             config,
             enabled: AtomicBool::new(config.injects()),
+            stalled: AtomicBool::new(false),
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             panics: AtomicU64::new(0),
@@ -203,6 +213,12 @@ impl<B: ExtentTree> FaultyTree<B> {
             self.pauses.fetch_add(1, Ordering::Relaxed);
             let nanos = splitmix64(call ^ c.seed) % (c.max_pause.as_nanos() as u64).max(1);
             std::thread::sleep(Duration::from_nanos(nanos));
+        }
+        // Relaxed: one stall in all, which the swap's atomicity decides.
+        if may_panic && c.stall_at > 0 && call >= c.stall_at && !self.stalled.swap(true, Ordering::Relaxed) {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
         }
         if may_panic && draw(0x9a41c, c.panic_one_in) {
             self.panics.fetch_add(1, Ordering::Relaxed);

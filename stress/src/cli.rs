@@ -175,6 +175,10 @@ pub struct StressArgs {
     /// run is declared stalled: the claimed heads are printed and the process exits with code 3.
     #[arg(long, default_value_t = 60)]
     pub watchdog: u64,
+    /// Test the watchdog: backend call number N (counted as --faults counts them) never returns, so a runner
+    /// stalls holding its head. The run must end with exit code 3 and the claimed heads printed.
+    #[arg(long, default_value_t = 0)]
+    pub stall_at: u64,
     /// The extent tree the runners apply refs to: the strict in-memory tree, or a redb database file
     /// (examples/redb_extent_tree: one transaction per head, a durable commit per run; disk-bound, so its
     /// throughput is not a benchmark of the roots).
@@ -201,6 +205,7 @@ impl Default for StressArgs {
             faults: 0,
             throttle: None,
             watchdog: 60,
+            stall_at: 0,
             backend: crate::backend::BackendKind::Mem,
         }
     }

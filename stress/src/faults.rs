@@ -17,9 +17,9 @@ use crate::backend::{Backend, BackendKind};
 pub type Tree = FaultyTree<Backend>;
 
 /// A fresh tree of `kind` injecting faults in about one call in `faults`
-/// (0: none).
-pub fn new_tree(kind: BackendKind, faults: u64) -> Tree {
-    FaultyTree::new(Backend::new(kind), FaultConfig::every(faults))
+/// (0: none), and stalling at call `stall_at` (0: never).
+pub fn new_tree(kind: BackendKind, faults: u64, stall_at: u64) -> Tree {
+    FaultyTree::new(Backend::new(kind), FaultConfig { stall_at, ..FaultConfig::every(faults) })
 }
 
 /// What one call under faults came to.

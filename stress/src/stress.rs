@@ -122,6 +122,7 @@ fn resolve(args: &StressArgs) -> Result<(Params, Header), String> {
         throttle: args.throttle,
         watchdog: Duration::from_secs(args.watchdog.max(1)),
         backend: args.backend,
+        stall_at: args.stall_at,
     };
     let header = Header {
         workload: w.as_str(),
@@ -175,6 +176,11 @@ fn harness_ops_per_sec(params: &Params, header: &Header, progress: &Progress) ->
 
 /// Run `stress` and return the process exit code.
 pub fn run(args: &StressArgs) -> i32 {
+    if args.faults > 0 {
+        // Injected panics are caught and retried: their reports would bury
+        // the output (a real panic still reports).
+        delayed_refs::InjectedPanic::silence_reports();
+    }
     let (params, header) = match resolve(args) {
         Ok(x) => x,
         Err(msg) => {

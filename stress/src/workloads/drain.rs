@@ -75,7 +75,7 @@ fn drain<D: DelayedRefs>(refs: &D, tree: &Tree, runner_stats: &mut [ThreadStats]
 /// One round of the drain workload.
 pub fn round<D: DelayedRefs>(p: &Params, seed: u64, bar: &ProgressBar) -> RoundResult {
     let (refs, fresh) = super::new_root::<D>(p);
-    let tree = faults::new_tree(p.backend, p.faults);
+    let tree = faults::new_tree(p.backend, p.faults, p.stall_at);
     let rsv_start = rsv_size(&refs);
     let per_thread = (p.heads / p.threads).max(1);
     let mut adders: Vec<SlotAdder> =

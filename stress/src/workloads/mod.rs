@@ -55,6 +55,8 @@ pub struct Params {
     pub watchdog: Duration,
     /// `--backend`: the extent tree.
     pub backend: crate::backend::BackendKind,
+    /// `--stall-at`: the backend call that never returns (0: none).
+    pub stall_at: u64,
 }
 
 /// An adder thread's op generator and its model of what it queued.
@@ -136,7 +138,7 @@ struct Start {
 /// `hot` and `wide`: allocate the shared extents, then run the adders on them.
 fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &ProgressBar) -> RoundResult {
     let (refs, fresh) = new_root::<D>(p);
-    let tree = faults::new_tree(p.backend, p.faults);
+    let tree = faults::new_tree(p.backend, p.faults, p.stall_at);
     let rsv_start = rsv_size(&refs);
     let mut res = match shared::setup(&refs, &tree, p.heads) {
         Ok((heads, oracle)) => {
@@ -173,7 +175,7 @@ fn shared_round<D: DelayedRefs>(p: &Params, seed: u64, window: usize, bar: &Prog
 /// Run slot `adders` on a fresh root and tree.
 fn fresh_round<D: DelayedRefs>(p: &Params, adders: Vec<SlotAdder>, seed: u64, bar: &ProgressBar) -> RoundResult {
     let (refs, fresh) = new_root::<D>(p);
-    let tree = faults::new_tree(p.backend, p.faults);
+    let tree = faults::new_tree(p.backend, p.faults, p.stall_at);
     let rsv_start = rsv_size(&refs);
     let mut hist = slot_history(&adders, p.readers, seed);
     let start = Start { oracle: Oracle::new(), rsv_start };

@@ -40,6 +40,7 @@ fn params(workload: WorkloadKind, runners: usize) -> Params {
         throttle: None,
         watchdog: Duration::from_secs(60),
         backend: crate::backend::BackendKind::Mem,
+        stall_at: 0,
     }
 }
 
