@@ -258,6 +258,12 @@ pub trait DelayedRefs: Send + Sync + Sized {
     fn add_tree_ref(&self, trans: &mut TransHandle, gref: &GenericRef, op: Option<ExtentOp>) -> Result<AddOutcome>;
 
     /// Queue a data ref (`btrfs_add_delayed_data_ref`, semantics.md §4.2).
+    ///
+    /// `reserved` is the data space reserved for a newly allocated extent
+    /// (an `AddExtent`: its uncompressed size, as btrfs reserves it for the
+    /// write); the head keeps it for qgroup accounting, which releases it
+    /// when the head is retired. Pass 0 for every other data ref, and 0 if
+    /// no reservation was made (then none is released).
     fn add_data_ref(&self, trans: &mut TransHandle, gref: &GenericRef, reserved: u64) -> Result<AddOutcome>;
 
     /// Queue an extent op (`btrfs_add_delayed_extent_op`, semantics.md §4.8).
@@ -284,7 +290,9 @@ pub trait DelayedRefs: Send + Sync + Sized {
     ///
     /// # Errors
     ///
-    /// As [`run_one`](Self::run_one); the run stops at the first error.
+    /// As [`run_one`](Self::run_one); the run stops at the first error, and
+    /// the figures of what it ran before the error are not returned (the
+    /// extents show it: what ran is applied).
     fn run<B: ExtentTree + ?Sized>(&self, backend: &B, mode: RunMode) -> Result<RunStats>;
 
     /// On-disk plus pending refcount and flags of one extent (semantics.md §7.1),
@@ -378,7 +386,9 @@ pub trait DelayedRefs: Send + Sync + Sized {
     /// thread of `pool` runs delayed refs until the index is empty, refs added
     /// meanwhile included, then detaches ([`release_thread`](Self::release_thread)).
     /// Returns the summed run figures, or the first error a runner hit.
-    /// Each runner is its own run batch. A panicking backend call stops the
+    /// `pool` is a [`rayon::ThreadPool`] (rayon 1.x; re-exported as
+    /// [`delayed_refs::rayon`](crate::rayon) so that a caller builds it with
+    /// the same version). Each runner is its own run batch. A panicking backend call stops the
     /// runner it hit (the others go on with what is queued, the released
     /// head included) and reaches the caller through rayon's `broadcast`;
     /// a second `commit_drain` finishes whatever is left.

@@ -51,10 +51,19 @@ pub enum ExtentError {
         bytenr: u64,
     },
     /// The backend's own failure (I/O, database): the extent tree may be
-    /// fine, the call did not go through. Built with
-    /// [`ExtentError::storage`].
+    /// fine, the call did not go through and changed nothing, so a retry
+    /// may succeed. Built with [`ExtentError::storage`].
     #[error("storage failure")]
     Storage(#[source] StorageError),
+    /// The backend cannot represent this ref or op (a combination it does
+    /// not support): not retryable.
+    #[error("extent {bytenr}: the backend does not support {what}")]
+    Unsupported {
+        /// Extent start.
+        bytenr: u64,
+        /// What it does not support.
+        what: &'static str,
+    },
 }
 
 impl ExtentError {

@@ -71,6 +71,9 @@ mod shuttle_models;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+/// The rayon version [`DelayedRefs::commit_drain`] takes a pool of.
+pub use rayon;
+
 pub use api::{
     AddOutcome, Backpressure, CleanupOutcome, Counters, DelayedRefs, DestroyStats, FsConfig, FsShared, HeadOutcome,
     HeadSnapshot, NodeSnapshot, RunMode, RunStats,

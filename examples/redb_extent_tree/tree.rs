@@ -78,6 +78,9 @@ fn storage(e: impl Into<redb::Error>) -> ExtentError {
     ExtentError::storage(e.into())
 }
 
+/// The run that wrote an overlay entry: (transid, run).
+type Owner = (u64, u64);
+
 /// The open transaction of one run's current head.
 struct HeadTxn {
     txn: WriteTransaction,
@@ -100,8 +103,11 @@ pub struct RedbExtentTree {
     db: Database,
     runs: Mutex<HashMap<u64, RunState>>,
     /// Refs and flags of extents changed by a head transaction that has not
-    /// committed yet (`None`: the item was deleted).
-    overlay: Mutex<HashMap<u64, Option<ExtentInfo>>>,
+    /// committed yet (`None`: the item was deleted), with the run that owns
+    /// the entry: `end_head` comes after the head was released, so the next
+    /// run of the same extent may have written its own entry by then, which
+    /// the first run's `end_head` must leave alone.
+    overlay: Mutex<HashMap<u64, (Owner, Option<ExtentInfo>)>>,
     /// What `end_run` stamps as `label` with the run (the example's round).
     label: AtomicU64,
     applied: AtomicU64,
@@ -203,6 +209,15 @@ impl RedbExtentTree {
         Ok(())
     }
 
+    /// Drop `batch`'s overlay entry for `bytenr`, unless a later run of the
+    /// extent owns it now.
+    fn forget(&self, batch: Batch, bytenr: u64) {
+        let mut overlay = self.overlay.lock().unwrap();
+        if overlay.get(&bytenr).is_some_and(|(owner, _)| *owner == (batch.transid, batch.run)) {
+            overlay.remove(&bytenr);
+        }
+    }
+
     /// Run `f` on the open head transaction of `batch`'s run.
     fn in_head<T>(
         &self,
@@ -281,12 +296,13 @@ fn with_op(flags: u64, op: &ExtentOp) -> u64 {
 
 impl ExtentTree for RedbExtentTree {
     fn apply_ref(&self, run: &RefRun<'_>) -> Result<(), ExtentError> {
-        // The overlay is updated under the runs lock, with the write: a
-        // reader that misses it finds the committed state, which is older
-        // only while this head's transaction is open, and then the overlay
-        // has the entry.
+        // The overlay entry is written before this call returns: until
+        // then the root hides the taken ref from readers (the lock-free
+        // root's seqlock window, the locked port's head token), after it a
+        // lookup finds the new count here until the head's transaction
+        // commits, and in the database after.
         let info = self.in_head(run.batch, |txn| Self::apply(txn, run))?;
-        self.overlay.lock().unwrap().insert(run.bytenr, info);
+        self.overlay.lock().unwrap().insert(run.bytenr, ((run.batch.transid, run.batch.run), info));
         if let Some(r) = self.runs.lock().unwrap().get_mut(&run.batch.run) {
             r.applied += 1;
         }
@@ -306,7 +322,7 @@ impl ExtentTree for RedbExtentTree {
             extents.insert(bytenr, (refs, flags, num_bytes, is_data, level)).map_err(storage)?;
             Ok(ExtentInfo { refs, flags })
         })?;
-        self.overlay.lock().unwrap().insert(bytenr, Some(info));
+        self.overlay.lock().unwrap().insert(bytenr, ((run.batch.transid, run.batch.run), Some(info)));
         Ok(())
     }
 
@@ -327,7 +343,7 @@ impl ExtentTree for RedbExtentTree {
     }
 
     fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError> {
-        if let Some(info) = self.overlay.lock().unwrap().get(&bytenr) {
+        if let Some((_, info)) = self.overlay.lock().unwrap().get(&bytenr) {
             return Ok(*info);
         }
         let r = self.db.begin_read().map_err(storage)?;
@@ -363,12 +379,12 @@ impl ExtentTree for RedbExtentTree {
             // before the failure is lost with it, which only an abort of
             // the delayed-ref transaction can answer.
             drop(head.txn);
-            self.overlay.lock().unwrap().remove(&bytenr);
+            self.forget(batch, bytenr);
             return Err(ExtentError::storage(std::io::Error::other("a write failed half-way; head aborted")));
         }
         // Whatever the end: refs that apply_ref accepted have left the queue.
         let committed = head.txn.commit().map_err(storage);
-        self.overlay.lock().unwrap().remove(&bytenr);
+        self.forget(batch, bytenr);
         committed?;
         if let Some(r) = self.runs.lock().unwrap().get_mut(&batch.run) {
             r.committed_heads += 1;

@@ -95,7 +95,9 @@ pub struct FaultStats {
 }
 
 /// A backend wrapper that injects failures into the calls whose failure the
-/// contract promises to survive by a retry: [`ExtentTree::apply_ref`],
+/// contract promises to survive by a retry. A fault is injected *instead of*
+/// the call (the wrapped backend is not called), so an injected error
+/// changed nothing, as the contract requires. Faulted: [`ExtentTree::apply_ref`],
 /// [`ExtentTree::apply_extent_op`], [`ExtentTree::begin_run`] and
 /// [`ExtentTree::begin_head`] fail, panic and pause; [`ExtentTree::lookup`]
 /// fails and pauses (a reader is not expected to catch panics). The end

@@ -43,9 +43,14 @@ use crate::error::ExtentError;
 
 /// Which run a backend call belongs to.
 ///
-/// A database backend keys its open write transaction on `run` (one per
-/// [`ExtentTree::begin_run`] .. [`ExtentTree::end_run`]) and can stamp
-/// `transid` on what it writes.
+/// A database backend keys its open state on `run` and can stamp `transid`
+/// on what it writes. On a store with one writer at a time (redb, LMDB,
+/// SQLite), hold a write transaction per *head* (`begin_head` ..
+/// `end_head`) and make the run durable in `end_run`: a write transaction
+/// held for a whole run deadlocks two runners in `RunMode::All`, one holding
+/// the writer while it waits for a head the other has claimed, the other
+/// waiting for the writer (docs/backend.md §2, §10). Run ids are unique and
+/// increasing within a root, not dense: a run that found nothing used one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Batch {
     /// The transaction id the root was created with
@@ -235,10 +240,43 @@ impl Eq for StorageError {}
 /// # Batches and durability
 ///
 /// A ref whose `apply_ref` returned `Ok` has left the queue for good. A
-/// backend that buffers writes per run (one database write transaction from
-/// `begin_run` to `end_run`) must make them durable at `end_run`, whatever
-/// its [`BatchEnd`]: `Failed` and `Panicked` only say that the run stopped
-/// early, not that the refs it applied before are void.
+/// backend that buffers writes (a write transaction per head, committed in
+/// `end_head`, made durable in `end_run`) must commit them whatever the
+/// [`BatchEnd`]: `Failed` and `Panicked` only say that the run stopped
+/// early, not that the refs it applied before are void. If it cannot
+/// isolate a failure to the one call that failed (a write error half-way
+/// through a transaction that holds earlier refs), it must not report it as
+/// a plain storage error from that call, which promises a retry: poison the
+/// batch and fail its end hook, which asks for an abort.
+///
+/// # Which calls nest where
+///
+/// Within a run: `begin_run` (once, when the run has claimed its first
+/// head), then per head `begin_head`, its `apply_ref`s, `apply_extent_op`s
+/// and at most one `pin_reserved`, then `end_head`; `end_run` last. A failed
+/// `begin_head` is not followed by an `end_head`. `end_head` is called after
+/// the head was released: another runner may already have claimed the same
+/// extent (a new head of it, or the same head after `HeldBack` or a
+/// failure), and its `begin_head` may come before this `end_head` returns.
+/// The pins of `destroy` (`batch.run == 0`) come with no hook around them:
+/// such a call must make itself durable.
+///
+/// # What `apply_ref` does (the rules of [`MemExtentTree`])
+///
+/// An ADD (`Action::Add` or `AddExtent`) with `insert_reserved` inserts the
+/// extent item (flags [`EXTENT_FLAG_DATA`](crate::EXTENT_FLAG_DATA) or
+/// [`EXTENT_FLAG_TREE_BLOCK`](crate::EXTENT_FLAG_TREE_BLOCK), `ref_mod`
+/// refs, this backref, then the op's flags) and fails with
+/// [`ExtentError::AlreadyExists`] if it exists; an ADD without it adds
+/// `ref_mod` to the backref and the item's count
+/// ([`ExtentError::MissingExtent`] if there is no item); a DROP takes
+/// `ref_mod` from the backref ([`ExtentError::BackrefUnderflow`] below
+/// zero) and deletes the item when its count reaches zero; a tree ref with
+/// `ref_mod != 1` is [`ExtentError::TreeRefMod`]; a ref whose kind differs
+/// from the item's is [`ExtentError::KindMismatch`]. `insert_reserved` comes
+/// only with an ADD; anything a backend cannot represent is
+/// [`ExtentError::Unsupported`] (never a storage error, which would be
+/// retried forever).
 pub trait ExtentTree: Send + Sync {
     /// Apply one merged ref (semantics.md §6.10). On error nothing may have changed.
     fn apply_ref(&self, run: &RefRun<'_>) -> Result<(), ExtentError>;
@@ -248,7 +286,11 @@ pub trait ExtentTree: Send + Sync {
     fn apply_extent_op(&self, run: &OpRun<'_>) -> Result<(), ExtentError>;
 
     /// A reserved extent whose item was never inserted is pinned (semantics.md §6.11
-    /// step 4, §7.3). The in-memory tree only counts it.
+    /// step 4, §7.3): its space must not be reused before the transaction
+    /// commits, then it is free (btrfs unpins at commit). A durable backend
+    /// records the pinned range; the in-memory tree only counts the bytes.
+    /// Within a run it comes inside the head's `begin_head` .. `end_head`;
+    /// from `destroy` (`pin.batch.run == 0`) with no hook around it.
     fn pin_reserved(&self, pin: &Pin) -> Result<(), ExtentError>;
 
     /// The extent's refs and flags, `None` if it has no item. It must
@@ -257,8 +299,9 @@ pub trait ExtentTree: Send + Sync {
     /// from its buffer first (readers add the queued count to this one).
     fn lookup(&self, bytenr: u64) -> Result<Option<ExtentInfo>, ExtentError>;
 
-    /// A run starts: called before it selects its first head. An error ends
-    /// the run at once, with nothing taken (and no `end_run`).
+    /// A run starts: called once the run has claimed its first head (a run
+    /// that finds nothing calls no hook). An error releases that head
+    /// untouched and ends the run (and no `end_run` follows).
     fn begin_run(&self, batch: Batch) -> Result<(), ExtentError> {
         let _ = batch;
         Ok(())
@@ -274,14 +317,15 @@ pub trait ExtentTree: Send + Sync {
     }
 
     /// A run claimed the head of `bytenr` and is about to run its refs. An
-    /// error releases the head untouched.
+    /// error releases the head untouched (and no `end_head` follows).
     fn begin_head(&self, batch: Batch, bytenr: u64) -> Result<(), ExtentError> {
         let _ = (batch, bytenr);
         Ok(())
     }
 
     /// The run of one head ends ([`BatchEnd::Completed`]: the head left the
-    /// index; `HeldBack`: it went back with refs held by a blocker).
+    /// index; `HeldBack`: it went back with refs held by a blocker). Called
+    /// after the head was released (see "Which calls nest where").
     fn end_head(&self, batch: Batch, bytenr: u64, end: BatchEnd) -> Result<(), ExtentError> {
         let _ = (batch, bytenr, end);
         Ok(())
