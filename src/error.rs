@@ -259,7 +259,7 @@ impl Error {
             Error::NoSpace { .. } => Recovery::RunRefs,
             // The backend could not do it this time; the queue is intact.
             Error::Backend { source, .. } if source.is_storage() => Recovery::Retry,
-            Error::Hook { hook: Hook::BeginRun | Hook::BeginHead(_), .. } => Recovery::Retry,
+            Error::Hook { hook: Hook::BeginRun | Hook::BeginHead(_), source } if source.is_storage() => Recovery::Retry,
             // The queue and the extent tree disagree (a retry fails the same
             // way), or applied refs may not be durable, or a pin is lost.
             Error::Backend { .. } | Error::Hook { .. } | Error::TreeRefMod { .. } | Error::PinLost { .. } => {
