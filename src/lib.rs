@@ -90,8 +90,8 @@ pub use domain::qgroup::QgroupRecord;
 pub use domain::seq::{SeqBlocker, SeqError, SeqTracker};
 pub use error::{Error, ExtentError, Hook, Recovery, Result};
 pub use extent_tree::{
-    Batch, BatchEnd, ExtentInfo, ExtentItem, ExtentTree, FaultConfig, FaultStats, FaultyTree, InjectedPanic,
-    MemExtentTree, OpRun, Pin, RefRun, StorageError,
+    Batch, BatchEnd, ExtentInfo, ExtentItem, ExtentTree, FaultConfig, FaultStats, FaultyTree, InjectedFault,
+    InjectedPanic, MemExtentTree, OpRun, Pin, RefRun, StorageError,
 };
 pub use locked::LockedRefs;
 #[cfg(not(any(dref_loom, dref_shuttle)))]

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::{extent as bytenr, extent_ref as data};
 use delayed_refs::{
     Action, Batch, BatchEnd, DelayedRefs, Error, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FaultConfig,
     FaultyTree, FsConfig, FsShared, GenericRef, Hook, InjectedPanic, MemExtentTree, OpRun, Pin, Recovery, RefRun,
@@ -150,14 +151,6 @@ const HEADS: u64 = 6;
 const REFS: u64 = 3;
 const TRANSID: u64 = 42;
 
-fn bytenr(i: u64) -> u64 {
-    (1 << 30) + i * (1 << 20)
-}
-
-fn data(action: Action, i: u64, ino: u64) -> GenericRef {
-    GenericRef::new(action, bytenr(i), 4096, 0, 5).data(5, 256 + ino, 0, 0, false)
-}
-
 fn root<D: DelayedRefs>() -> D {
     // The panics these tests inject on purpose print nothing.
     static QUIET: std::sync::Once = std::sync::Once::new();
@@ -167,13 +160,7 @@ fn root<D: DelayedRefs>() -> D {
 
 /// Queue `HEADS` data extents of `REFS` refs each (the first allocates).
 fn queue<D: DelayedRefs>(refs: &D) {
-    let mut h = TransHandle::new();
-    for i in 0..HEADS {
-        refs.add_data_ref(&mut h, &data(Action::AddExtent, i, 0), 4096).unwrap();
-        for ino in 1..REFS {
-            refs.add_data_ref(&mut h, &data(Action::Add, i, ino), 0).unwrap();
-        }
-    }
+    common::queue_extents(refs, HEADS, REFS);
 }
 
 /// Every extent holds exactly `REFS` refs on disk and nothing is queued.

@@ -10,9 +10,10 @@ mod common;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use common::extent as bytenr;
 use delayed_refs::{
-    Action, DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FsConfig, GenericRef, MemExtentTree, OpRun,
-    Pin, RefRun, RunMode, TransHandle,
+    DelayedRefs, ExtentError, ExtentInfo, ExtentOp, ExtentTree, FsConfig, MemExtentTree, OpRun, Pin, RefRun, RunMode,
+    TransHandle,
 };
 
 /// The in-memory tree, with a panic on the `panic_at`-th `apply_ref` (and
@@ -62,23 +63,9 @@ impl ExtentTree for PanicOnce {
 const HEADS: u64 = 8;
 const REFS: u64 = 3;
 
-fn bytenr(i: u64) -> u64 {
-    (1 << 30) + i * (1 << 20)
-}
-
-fn data(action: Action, i: u64, ino: u64) -> GenericRef {
-    GenericRef::new(action, bytenr(i), 4096, 0, 5).data(5, 256 + ino, 0, 0, false)
-}
-
 /// Queue `HEADS` data extents of `REFS` refs each (the first allocates).
 fn queue<D: DelayedRefs>(refs: &D) {
-    let mut h = TransHandle::new();
-    for i in 0..HEADS {
-        refs.add_data_ref(&mut h, &data(Action::AddExtent, i, 0), 4096).unwrap();
-        for ino in 1..REFS {
-            refs.add_data_ref(&mut h, &data(Action::Add, i, ino), 0).unwrap();
-        }
-    }
+    common::queue_extents(refs, HEADS, REFS);
 }
 
 fn all_applied(tree: &PanicOnce) {

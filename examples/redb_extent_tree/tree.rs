@@ -136,11 +136,15 @@ impl RedbExtentTree {
 
     /// Set the label the next durable commits record (`meta.label`).
     pub fn set_label(&self, label: u64) {
-        self.label.store(label, Ordering::SeqCst);
+        // Relaxed: the caller sets it before starting the run whose
+        // end_run reads it; the run's thread start or the caller's own
+        // program order orders the two.
+        self.label.store(label, Ordering::Relaxed);
     }
 
     /// Refs applied through this handle (merged runs).
     pub fn applied_refs(&self) -> u64 {
+        // Relaxed: statistics, exact once the runners are joined.
         self.applied.load(Ordering::Relaxed)
     }
 
@@ -404,7 +408,7 @@ impl ExtentTree for RedbExtentTree {
             let mut meta = txn.open_table(META).map_err(storage)?;
             meta.insert("last_run", batch.run).map_err(storage)?;
             meta.insert("transid", batch.transid).map_err(storage)?;
-            meta.insert("label", self.label.load(Ordering::SeqCst)).map_err(storage)?;
+            meta.insert("label", self.label.load(Ordering::Relaxed)).map_err(storage)?;
             let mut runs = txn.open_table(RUNS).map_err(storage)?;
             runs.insert((batch.transid, batch.run), state.applied).map_err(storage)?;
         }

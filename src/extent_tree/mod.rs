@@ -31,7 +31,7 @@
 mod faults;
 mod mem;
 
-pub use faults::{FaultConfig, FaultStats, FaultyTree, InjectedPanic};
+pub use faults::{FaultConfig, FaultStats, FaultyTree, InjectedFault, InjectedPanic};
 pub use mem::{ExtentItem, MemExtentTree};
 
 use std::sync::Arc;

@@ -35,6 +35,28 @@ macro_rules! for_each_impl {
     };
 }
 
+/// Extent `i` of the backend-failure tests: 1 MiB apart from 1 GiB.
+pub fn extent(i: u64) -> u64 {
+    (1 << 30) + i * (1 << 20)
+}
+
+/// A 4 KiB data ref of extent `i` from inode `256 + ino` of root 5.
+pub fn extent_ref(action: Action, i: u64, ino: u64) -> GenericRef {
+    GenericRef::new(action, extent(i), 4096, 0, 5).data(5, 256 + ino, 0, 0, false)
+}
+
+/// Queue `heads` data extents of `refs` refs each, the first allocating
+/// (the backend-failure tests' starting point).
+pub fn queue_extents<D: DelayedRefs>(refs: &D, heads: u64, per_head: u64) {
+    let mut h = TransHandle::new();
+    for i in 0..heads {
+        refs.add_data_ref(&mut h, &extent_ref(Action::AddExtent, i, 0), 4096).unwrap();
+        for ino in 1..per_head {
+            refs.add_data_ref(&mut h, &extent_ref(Action::Add, i, ino), 0).unwrap();
+        }
+    }
+}
+
 /// Length of a tree block in these tests (default node size).
 pub const TREE_NB: u64 = 16384;
 /// Length of a data extent in these tests (one csum leaf: L = 1).
